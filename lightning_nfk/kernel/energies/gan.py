@@ -1,0 +1,119 @@
+"""GAN energy: the discriminator's logit, centred and normalised on generator samples.
+
+Zhang et al., ICLR 2022, Eq. 1; the mean score and diagonal Fisher over generator samples
+follow the paper's precursor, apple/ml-afv (adversarial Fisher vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightning_nfk.kernel.energies.base import Energy, _check_module
+
+LatentSampler = Callable[[int, torch.Generator], Tensor]
+
+
+class GANEnergy(Energy):
+    """NFK of a GAN: :math:`s_\\theta(x) = D(x)`, the discriminator's logit.
+
+    :math:`\\theta` are the discriminator's parameters. The mean score :math:`z` and the
+    diagonal Fisher :math:`I` are averages over ``num_samples`` generator samples
+    :math:`G(h)`, :math:`h \\sim p(h)`. The latents come from a ``torch.Generator`` seeded
+    with ``seed``, so every process and every pass sees the same samples; under
+    ``torch.distributed`` each rank evaluates a disjoint contiguous share of them.
+
+    Args:
+        discriminator: maps images ``(B, C, H, W)`` to logits ``(B,)`` or ``(B, 1)``.
+        generator: maps latents ``(n, ...)`` to images; run in eval mode without gradients.
+        latent_dim: size of a standard normal latent ``(n, latent_dim)``; give either this
+            or ``latent_sampler``.
+        latent_sampler: ``f(n, torch_generator) -> latents`` drawn on the CPU with the given
+            generator, for other priors or shapes.
+        num_samples: number of generator samples :math:`M`.
+        batch_size: generator batch size.
+        seed: seed of the latents.
+
+    Raises:
+        TypeError: if a module argument is not an ``nn.Module``.
+        ValueError: if neither or both of ``latent_dim`` and ``latent_sampler`` are given,
+            or a count is not positive.
+    """
+
+    centring = "samples"
+    fisher = "samples"
+
+    def __init__(
+        self,
+        discriminator: nn.Module,
+        generator: nn.Module,
+        latent_dim: int | None = None,
+        *,
+        latent_sampler: LatentSampler | None = None,
+        num_samples: int = 4096,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(discriminator)
+        _check_module("generator", generator)
+        if (latent_dim is None) == (latent_sampler is None):
+            raise ValueError(
+                "Give exactly one of `latent_dim` and `latent_sampler` to GANEnergy; got "
+                f"latent_dim={latent_dim!r}, latent_sampler={latent_sampler!r}."
+            )
+        for name, value in (("latent_dim", latent_dim), ("num_samples", num_samples),
+                            ("batch_size", batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.generator = generator
+        self.latent_dim = latent_dim
+        self.latent_sampler = latent_sampler
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
+        out = module(x)
+        if out.ndim == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        if out.ndim != 1:
+            raise ValueError(
+                "GANEnergy expects the discriminator to return one logit per example, shape "
+                f"(B,) or (B, 1); got shape {tuple(out.shape)}."
+            )
+        return out
+
+    def latents(self) -> Tensor:
+        """All ``num_samples`` latents, identical on every process."""
+        g = torch.Generator().manual_seed(self.seed)
+        if self.latent_sampler is not None:
+            h = self.latent_sampler(self.num_samples, g)
+        else:
+            h = torch.randn(self.num_samples, self.latent_dim, generator=g)
+        if h.shape[0] != self.num_samples:
+            raise ValueError(
+                f"`latent_sampler` returned {h.shape[0]} latents; {self.num_samples} were asked."
+            )
+        return h
+
+    def sample_batches(
+        self, *, rank: int, world_size: int, device: torch.device, dtype: torch.dtype
+    ) -> Iterator[Tensor]:
+        h = self.latents()
+        start = rank * self.num_samples // world_size
+        stop = (rank + 1) * self.num_samples // world_size
+        with torch.no_grad():
+            for i in range(start, stop, self.batch_size):
+                hb = h[i : min(i + self.batch_size, stop)].to(device=device, dtype=dtype)
+                yield self.generator(hb)
+
+    def auxiliary_modules(self) -> list[nn.Module]:
+        return [self.generator]
+
+    def __repr__(self) -> str:
+        return (
+            f"GANEnergy(discriminator={type(self.module).__name__}, "
+            f"generator={type(self.generator).__name__}, num_samples={self.num_samples})"
+        )

@@ -1,0 +1,32 @@
+"""Neural tangent kernel as an energy: raw scalar output, no centring, no normalisation."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lightning_nfk.kernel.energies.base import Energy
+
+
+class NTKEnergy(Energy):
+    """Empirical NTK of a scalar-output network: :math:`s_\\theta(x) = f(x)`, :math:`V_x = g_x`.
+
+    Args:
+        model: a module mapping a batch ``(B, ...)`` to ``(B,)`` or ``(B, 1)``.
+    """
+
+    centring = None
+    fisher = None
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+
+    def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
+        out = module(x)
+        if out.ndim == 2 and out.shape[1] == 1:
+            out = out[:, 0]
+        if out.ndim != 1:
+            raise ValueError(
+                f"NTKEnergy expects a scalar output per example, shape (B,) or (B, 1); got "
+                f"shape {tuple(out.shape)}."
+            )
+        return out

@@ -1,0 +1,216 @@
+"""The Fisher-vector operator :math:`V` (N x P) of an energy over the fitting data.
+
+DESIGN.md section 2: with :math:`g_x = \\nabla_\\theta s_\\theta(x)`,
+
+.. math::
+
+    z = \\mathbb{E}_q[g], \\qquad U_x = g_x - z, \\qquad I = \\mathbb{E}_{\\text{FIM}}[U \\odot U],
+    \\qquad V_x = U_x / \\sqrt{I + \\text{damping}}.
+
+:math:`V` is never formed (except by :meth:`FisherVectors.materialize`): a pass over the data
+computes :math:`V^\\top (V Z)` either from per-example gradient blocks (``blocked``: two
+GEMMs per block, whatever ``l`` is) or from JVP/VJP products batched over the ``l`` columns
+(``matrix_free``: the paper's way). Sums over the data are reduced across processes once
+per pass; each process only ever sees its own rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from lightning_nfk.kernel._data import Data, iter_chunks
+from lightning_nfk.kernel.distributed import Reduce
+from lightning_nfk.kernel.energies.base import Energy
+from lightning_nfk.kernel.per_example import ScoreJacobian
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised when some examples have non-finite per-example gradients."""
+
+
+class FisherVectors:
+    """Matrix-free Fisher vectors of an energy (statistics, products, rows).
+
+    Args:
+        jacobian: the energy's :class:`ScoreJacobian` (parameter snapshot).
+        damping: absolute damping added to the diagonal Fisher, >= 0.
+        strategy: ``"matrix_free"`` for products by JVP/VJP, else per-example gradient
+            blocks (``"blocked"``, ``"dense"``).
+        max_rows: rows per chunk (bounds the memory of a gradient block).
+        reduce: sum over processes.
+        rank, world_size: this process's place (only used to share model samples).
+    """
+
+    def __init__(
+        self,
+        jacobian: ScoreJacobian,
+        *,
+        damping: float,
+        strategy: str,
+        max_rows: int,
+        reduce: Reduce,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.jacobian = jacobian
+        self.energy: Energy = jacobian.energy
+        self.damping = damping
+        self.strategy = strategy
+        self.matrix_free = strategy == "matrix_free"
+        self.max_rows = max_rows
+        self.reduce = reduce
+        self.rank, self.world_size = rank, world_size
+        self.dtype, self.device = jacobian.dtype, jacobian.device
+        self.num_parameters = jacobian.num_parameters
+        self.mean_score: Tensor | None = None  # z, (P,), working dtype
+        self.fisher_diagonal: Tensor | None = None  # I, (P,), float64
+        self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
+        self.data_sum_of_squares: float | None = None  # ||V||_F^2 when the sums allow it
+
+    # -- data ------------------------------------------------------------------------------
+    def chunks(self, data: Data) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
+        """(x, extras) chunks of the data, with the energy's per-example extras."""
+        for x in iter_chunks(data, self.max_rows, self.device, self.dtype):
+            yield x, self.energy.extras(x)
+
+    def _sample_chunks(self) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
+        batches = self.energy.sample_batches(
+            rank=self.rank, world_size=self.world_size, device=self.device, dtype=self.dtype
+        )
+        for batch in batches:
+            for x in batch.to(self.dtype).split(self.max_rows):
+                yield x, self.energy.extras(x)
+
+    def _raise_if_bad(self, bad: Tensor, total: float, what: str) -> None:
+        if bad.item() > 0:
+            raise NonFiniteGradientError(
+                f"{int(bad.item())} of {int(total)} {what} have non-finite per-example "
+                "gradients of the energy; the Fisher kernel is undefined for them. Check the "
+                "inputs and the model's numerics (e.g. log of 0, overflow)."
+            )
+
+    # -- statistics ----------------------------------------------------------------------------
+    def fit_statistics(self, data: Data, num_examples: int) -> None:
+        """Mean score, diagonal Fisher and (where the sums allow) :math:`\\|V\\|_F^2`.
+
+        One pass per distinct source (fitting data, model samples). Sums of :math:`g` and
+        :math:`g \\odot g` are accumulated in float64 and reduced once per source, so the
+        result does not depend on batching or on the number of processes.
+        """
+        energy = self.energy
+        sources = [s for s in dict.fromkeys((energy.centring, energy.fisher)) if s is not None]
+        p = self.num_parameters
+        sums: dict[str, tuple[Tensor, Tensor, float]] = {}
+        for source in sources:
+            chunks = self.chunks(data) if source == "data" else self._sample_chunks()
+            acc = torch.zeros(2 * p + 2, dtype=torch.float64, device=self.device)
+            for x, extras in chunks:
+                g = self.jacobian.gradients(x, extras).to(torch.float64)
+                acc[-1] += (~torch.isfinite(g).all(dim=1)).sum()
+                acc[-2] += g.shape[0]
+                acc[:p] += g.sum(dim=0)
+                acc[p : 2 * p] += g.square_().sum(dim=0)
+            acc = self.reduce(acc)
+            count = acc[-2].item()
+            what = "fitting examples" if source == "data" else "model samples"
+            self._raise_if_bad(acc[-1], count, what)
+            if count == 0:
+                raise ValueError(f"{type(energy).__name__} produced no {what} for its statistics.")
+            sums[source] = (acc[:p], acc[p : 2 * p], count)
+
+        z = torch.zeros(p, dtype=torch.float64, device=self.device)
+        if energy.centring is not None:
+            s1, _, n = sums[energy.centring]
+            z = s1 / n
+            self.mean_score = z.to(self.dtype)
+        scale64 = torch.ones_like(z)
+        if energy.fisher is not None:
+            s1, s2, n = sums[energy.fisher]
+            fisher = ((s2 - 2 * z * s1) / n + z * z).clamp_min_(0.0)
+            self.fisher_diagonal = fisher
+            scale64 = (fisher + self.damping).rsqrt()
+            self.scale = scale64.to(self.dtype)
+        if "data" in sums:
+            s1, s2, n = sums["data"]
+            centred = s2 - 2 * z * s1 + n * z * z  # sum_x U_x^2
+            self.data_sum_of_squares = (centred * scale64 * scale64).sum().item()
+        elif not sources:
+            self.data_sum_of_squares = None
+
+    def load_statistics(
+        self, mean_score: Tensor | None, fisher_diagonal: Tensor | None
+    ) -> None:
+        self.mean_score = None if mean_score is None else mean_score.to(self.device, self.dtype)
+        self.fisher_diagonal = fisher_diagonal
+        if fisher_diagonal is not None:
+            f = fisher_diagonal.to(self.device, torch.float64)
+            self.scale = (f + self.damping).rsqrt().to(self.dtype)
+
+    # -- products ------------------------------------------------------------------------------
+    def rows(self, x: Tensor, extras: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Fisher vectors :math:`V_b` (B x P) of a chunk, and the count of non-finite rows."""
+        v = self.jacobian.gradients(x, extras)
+        bad = (~torch.isfinite(v).all(dim=1)).sum()
+        if self.mean_score is not None:
+            v.sub_(self.mean_score)
+        if self.scale is not None:
+            v.mul_(self.scale)
+        return v, bad
+
+    def matmat_chunk(self, x: Tensor, extras: tuple[Tensor, ...], z: Tensor) -> tuple[Tensor, Tensor]:
+        """:math:`V_b Z` (B x l) of a chunk, and the count of non-finite rows."""
+        if not self.matrix_free:
+            v, bad = self.rows(x, extras)
+            return v @ z, bad
+        t = z if self.scale is None else z * self.scale[:, None]
+        y = self.jacobian.jvp(x, extras, t)
+        if self.mean_score is not None:
+            y = y - (self.mean_score @ t)[None, :]
+        return y, (~torch.isfinite(y).all(dim=1)).sum()
+
+    def _rmatmat_chunk(self, x: Tensor, extras: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        r = self.jacobian.vjp(x, extras, y)
+        if self.mean_score is not None:
+            r = r - self.mean_score[:, None] * y.sum(dim=0)[None, :]
+        if self.scale is not None:
+            r = r * self.scale[:, None]
+        return r
+
+    def normal_matmat(self, data: Data, z: Tensor) -> tuple[Tensor, float | None]:
+        """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and
+        :math:`\\|V\\|_F^2` when the rows were formed (``blocked``), else ``None``."""
+        m = torch.zeros_like(z)
+        tail = torch.zeros(3, dtype=torch.float64, device=self.device)  # sumsq, bad, count
+        for x, extras in self.chunks(data):
+            if self.matrix_free:
+                y, bad = self.matmat_chunk(x, extras, z)
+                m += self._rmatmat_chunk(x, extras, y)
+            else:
+                v, bad = self.rows(x, extras)
+                y = v @ z
+                m.addmm_(v.T, y)
+                tail[0] += torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square()
+            tail[1] += bad
+            tail[2] += x.shape[0]
+        m = self.reduce(m)
+        tail = self.reduce(tail)
+        self._raise_if_bad(tail[1], tail[2].item(), "fitting examples")
+        return m, (None if self.matrix_free else tail[0].item())
+
+    def materialize(self, data: Data) -> Tensor:
+        """This process's rows of :math:`V` (n_local x P)."""
+        parts, bad, count = [], torch.zeros((), device=self.device), 0
+        for x, extras in self.chunks(data):
+            v, b = self.rows(x, extras)
+            parts.append(v)
+            bad += b
+            count += x.shape[0]
+        tail = torch.tensor([bad.item(), count], dtype=torch.float64, device=self.device)
+        tail = self.reduce(tail)
+        self._raise_if_bad(tail[0], tail[1].item(), "fitting examples")
+        if not parts:
+            return torch.zeros(0, self.num_parameters, dtype=self.dtype, device=self.device)
+        return torch.cat(parts)

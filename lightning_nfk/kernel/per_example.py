@@ -1,0 +1,111 @@
+"""Per-example gradients and Jacobian products of an energy's score, with torch.func.
+
+The energy is evaluated through :func:`torch.func.functional_call` on a *snapshot* of the
+kernel module's parameters and buffers, taken when the object is built: later training
+of the module does not change a fitted kernel, and nothing here ever writes to the
+module, its ``.grad`` or its buffers.
+
+* :meth:`ScoreJacobian.gradients`: the block :math:`G_b` (B x P) of per-example
+  gradients, ``vmap(grad(...))`` over the examples.
+* :meth:`ScoreJacobian.jvp` / :meth:`ScoreJacobian.vjp`: :math:`G_b T` and
+  :math:`G_b^T Y` without building :math:`G_b`, batched over columns with ``vmap``
+  (the paper's matrix-free products; curvlinops ``jacobian.py`` does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from lightning_nfk.kernel.energies.base import Energy
+
+
+class _ScoreModule(nn.Module):
+    """``forward(x, *extras) = energy.score(net, x, *extras)``, so that functional_call
+    substitutes the parameters of every method the energy calls (``encode``, ``decode``)."""
+
+    def __init__(self, energy: Energy) -> None:
+        super().__init__()
+        self.net = energy.module
+        self._energy = energy
+
+    def forward(self, x: Tensor, *extras: Tensor) -> Tensor:
+        return self._energy.score(self.net, x, *extras)
+
+
+class ScoreJacobian:
+    """The Jacobian :math:`G` (N x P) of the per-example scores of ``energy``.
+
+    Args:
+        energy: the energy; its kernel module's trainable parameters are :math:`\\theta`.
+
+    Attributes:
+        names: parameter names in the order of the flattened :math:`\\theta`.
+        num_parameters: :math:`P = |\\theta|`.
+        dtype, device: those of the parameters.
+    """
+
+    def __init__(self, energy: Energy) -> None:
+        self.energy = energy
+        self._module = _ScoreModule(energy)
+        self.theta: dict[str, Tensor] = {}
+        self.constants: dict[str, Tensor] = {}
+        for name, p in self._module.named_parameters():
+            (self.theta if p.requires_grad else self.constants)[name] = p.detach().clone()
+        for name, b in self._module.named_buffers():
+            self.constants[name] = b.detach().clone()
+        self.names = list(self.theta)
+        self.shapes = [self.theta[n].shape for n in self.names]
+        self.numels = [self.theta[n].numel() for n in self.names]
+        self.num_parameters = sum(self.numels)
+        first = next(iter(self.theta.values()))
+        self.dtype, self.device = first.dtype, first.device
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _call(self, theta: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
+        return functional_call(self._module, {**theta, **self.constants}, (x, *extras))
+
+    def _split(self, flat: Tensor) -> dict[str, Tensor]:
+        """(m, P) -> {name: (m, *shape)}."""
+        parts = flat.split(self.numels, dim=1)
+        return {
+            n: part.reshape(flat.shape[0], *shape)
+            for n, part, shape in zip(self.names, parts, self.shapes)
+        }
+
+    def _flatten(self, tree: dict[str, Tensor], m: int) -> Tensor:
+        """{name: (m, *shape)} -> (m, P)."""
+        return torch.cat([tree[n].reshape(m, -1) for n in self.names], dim=1)
+
+    # -- products ----------------------------------------------------------------------------
+    def scores(self, x: Tensor, extras: tuple[Tensor, ...] = ()) -> Tensor:
+        """The scores :math:`s_\\theta(x)` of a batch, shape as the energy returns it."""
+        with torch.no_grad():
+            return self._call(self.theta, x, extras)
+
+    def gradients(self, x: Tensor, extras: tuple[Tensor, ...] = ()) -> Tensor:
+        """Per-example gradients :math:`G_b`, shape (B, P)."""
+
+        def single(theta: dict[str, Tensor], xi: Tensor, *ei: Tensor) -> Tensor:
+            out = self._call(theta, xi.unsqueeze(0), tuple(e.unsqueeze(0) for e in ei))
+            return out.reshape(())
+
+        in_dims = (None, 0, *([0] * len(extras)))
+        per_example = vmap(grad(single), in_dims=in_dims)(self.theta, x, *extras)
+        return self._flatten(per_example, x.shape[0])
+
+    def jvp(self, x: Tensor, extras: tuple[Tensor, ...], tangents: Tensor) -> Tensor:
+        """:math:`G_b T` for ``tangents`` T of shape (P, l), by forward mode; returns (B, l)."""
+
+        def along(t: dict[str, Tensor]) -> Tensor:
+            return jvp(lambda th: self._call(th, x, extras), (self.theta,), (t,))[1]
+
+        return vmap(along)(self._split(tangents.T.contiguous())).T
+
+    def vjp(self, x: Tensor, extras: tuple[Tensor, ...], cotangents: Tensor) -> Tensor:
+        """:math:`G_b^T Y` for ``cotangents`` Y of shape (B, l), by reverse mode; returns (P, l)."""
+        _, pullback = vjp(lambda th: self._call(th, x, extras), self.theta)
+        l = cotangents.shape[1]
+        (tree,) = vmap(pullback)(cotangents.T.contiguous())
+        return self._flatten(tree, l).T

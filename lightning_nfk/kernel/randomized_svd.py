@@ -1,0 +1,111 @@
+"""Randomized subspace iteration on the normal operator :math:`A = V^\\top V`.
+
+Halko, Martinsson and Tropp, *Finding structure with randomness* (SIAM Review 2011,
+arXiv:0909.4061), Algorithm 4.4 with Rayleigh-Ritz extraction (Algorithm 5.1 applied to
+:math:`V^\\top V`); the paper's Algorithm 4. One product :math:`V^\\top (V Z)` is one pass over
+the data, so ``n_iter`` iterations plus the final product cost ``n_iter + 1`` passes::
+
+    Z_0 = orth(Omega),  Omega ~ N(0, 1)^{P x l}    (seeded torch.Generator, same on every rank)
+    Z_i = orth(V^T V Z_{i-1}),  i = 1..n_iter
+    M   = V^T V Z_n ;  H = Z_n^T M = (V Z_n)^T (V Z_n)  (l x l, float64)
+    H = W diag(sigma^2) W^T ;  P = Z_n W                (top k)
+
+:math:`\\sigma_i^2` are exactly the squared singular values of :math:`Y = V Z_n`, so this is
+the SVD step of the paper's algorithm without keeping :math:`Y`. ``orth`` is Householder QR
+in at least float32 (float32 Cholesky-QR of :math:`V^\\top V Z` breaks down, see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NormalMatmat = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class RitzPairs:
+    """Top eigenpairs of :math:`A = V^\\top V` found by subspace iteration.
+
+    Attributes:
+        eigenvalues: (k,) :math:`\\sigma_i^2`, descending, float64.
+        vectors: (P, k) orthonormal Ritz vectors (right singular vectors of V).
+        residuals: (k,) :math:`\\|A p_i - \\sigma_i^2 p_i\\| / \\sigma_i^2`, a computable bound
+            on each eigenvalue's relative error, float64.
+        trace_estimate: Hutchinson's estimate of :math:`\\operatorname{tr} A = \\|V\\|_F^2` from
+            the Gaussian test matrix (first pass), float64.
+    """
+
+    eigenvalues: Tensor
+    vectors: Tensor
+    residuals: Tensor
+    trace_estimate: Tensor
+
+
+def orthonormalize(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Householder QR in at least float32 with autocast off; returns (Q, R) in ``m.dtype``."""
+    work = m if m.dtype in (torch.float32, torch.float64) else m.float()
+    with torch.autocast(device_type=m.device.type, enabled=False):
+        q, r = torch.linalg.qr(work)
+    return q.to(m.dtype), r.to(m.dtype)
+
+
+def subspace_iteration(
+    normal_matmat: NormalMatmat,
+    dim: int,
+    k: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 10,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> RitzPairs:
+    """Top-``k`` eigenpairs of a PSD operator given only ``Z -> A Z``.
+
+    Args:
+        normal_matmat: ``Z (dim, l) -> A Z (dim, l)``, already summed over processes.
+        dim: the operator's size :math:`P`.
+        k: number of eigenpairs kept.
+        oversample: extra columns, ``l = k + oversample``.
+        n_iter: power iterations (``n_iter + 1`` products in all).
+        generator: a CPU ``torch.Generator`` for the test matrix; seed it identically on
+            every process.
+        dtype: dtype of the test matrix and products.
+        device: device of the products.
+
+    Returns:
+        The :class:`RitzPairs`.
+
+    Raises:
+        ValueError: if ``k + oversample > dim`` or ``n_iter < 0``.
+    """
+    l = k + oversample
+    if k < 1 or oversample < 0 or l > dim:
+        raise ValueError(
+            f"`k` + `oversample` ({k} + {oversample}) must be between 1 and the operator size "
+            f"({dim})."
+        )
+    if n_iter < 0:
+        raise ValueError(f"`n_iter` must be >= 0, got {n_iter}.")
+    omega = torch.randn(dim, l, generator=generator, dtype=dtype).to(device)
+    z, r = orthonormalize(omega)
+    m = normal_matmat(z)
+    # ||V Omega||_F^2 / l with Omega = Z R: tr(R^T (Z^T A Z) R) / l.
+    h0 = z.double().T @ m.double()
+    trace_estimate = torch.trace(r.double().T @ h0 @ r.double()) / l
+    for _ in range(n_iter):
+        z, _ = orthonormalize(m)
+        m = normal_matmat(z)
+    h = z.double().T @ m.double()
+    h = 0.5 * (h + h.T)
+    evals, w = torch.linalg.eigh(h)  # ascending
+    evals, w = evals.flip(0)[:k], w.flip(1)[:, :k]
+    vectors = z @ w.to(z.dtype)
+    # Residual of each Ritz pair: ||M w - lambda Z w|| (M w = A Z w), relative to lambda.
+    res = torch.linalg.vector_norm(m.double() @ w - (z.double() @ w) * evals, dim=0)
+    residuals = res / evals.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate)
