@@ -68,7 +68,12 @@ def exact_nfk(
         ValueError: when V and its Gram matrix need more than ``memory_budget`` bytes.
     """
     nfk = LowRankNFK(
-        energy, k=1, oversample=0, damping=damping, strategy="dense", dtype=dtype,
+        energy,
+        k=1,
+        oversample=0,
+        damping=damping,
+        strategy="dense",
+        dtype=dtype,
         memory_budget=memory_budget,
     )
     working = nfk._working_energy()

@@ -140,9 +140,7 @@ class FisherVectors:
         elif not sources:
             self.data_sum_of_squares = None
 
-    def load_statistics(
-        self, mean_score: Tensor | None, fisher_diagonal: Tensor | None
-    ) -> None:
+    def load_statistics(self, mean_score: Tensor | None, fisher_diagonal: Tensor | None) -> None:
         self.mean_score = None if mean_score is None else mean_score.to(self.device, self.dtype)
         self.fisher_diagonal = fisher_diagonal
         if fisher_diagonal is not None:
@@ -160,7 +158,9 @@ class FisherVectors:
             v.mul_(self.scale)
         return v, bad
 
-    def matmat_chunk(self, x: Tensor, extras: tuple[Tensor, ...], z: Tensor) -> tuple[Tensor, Tensor]:
+    def matmat_chunk(
+        self, x: Tensor, extras: tuple[Tensor, ...], z: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """:math:`V_b Z` (B x l) of a chunk, and the count of non-finite rows."""
         if not self.matrix_free:
             v, bad = self.rows(x, extras)
@@ -178,6 +178,27 @@ class FisherVectors:
         if self.scale is not None:
             r = r * self.scale[:, None]
         return r
+
+    def matmat(self, data: Data, z: Tensor) -> Tensor:
+        """:math:`V Z` for this process's rows, (n_local, l)."""
+        parts = [self.matmat_chunk(x, extras, z)[0] for x, extras in self.chunks(data)]
+        return torch.cat(parts) if parts else z.new_zeros(0, z.shape[1])
+
+    def rmatmat(self, data: Data, y: Tensor) -> Tensor:
+        """:math:`V^\\top Y` (P, l) for ``y`` (n_local, l) aligned with this process's rows,
+        summed over processes."""
+        out = y.new_zeros(self.num_parameters, y.shape[1])
+        start = 0
+        for x, extras in self.chunks(data):
+            yb = y[start : start + x.shape[0]]
+            start += x.shape[0]
+            if self.matrix_free:
+                out += self._rmatmat_chunk(x, extras, yb)
+            else:
+                out.addmm_(self.rows(x, extras)[0].T, yb)
+        if start != y.shape[0]:
+            raise ValueError(f"`y` has {y.shape[0]} rows; the data has {start} examples.")
+        return self.reduce(out)
 
     def normal_matmat(self, data: Data, z: Tensor) -> tuple[Tensor, float | None]:
         """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and

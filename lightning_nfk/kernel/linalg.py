@@ -48,5 +48,3 @@ def gather_rows(local: Tensor, reduce: Reduce) -> Tensor:
     start = sum(counts[:rank])
     full[start : start + local.shape[0]] = local
     return reduce(full)
-
-

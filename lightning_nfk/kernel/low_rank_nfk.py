@@ -20,8 +20,8 @@ from torch import Tensor
 from lightning_nfk.kernel._data import Data, check_data, count_examples, first_tensor
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum, rank_and_world_size
 from lightning_nfk.kernel.energies.base import Energy
-from lightning_nfk.kernel.linalg import exact_decomposition, gather_rows
 from lightning_nfk.kernel.fisher_vectors import FisherVectors
+from lightning_nfk.kernel.linalg import exact_decomposition, gather_rows
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import subspace_iteration
 
@@ -39,7 +39,12 @@ def kernel_mode(energy: Energy) -> Iterator[None]:
     modules = [energy.module, *energy.auxiliary_modules()]
     flags = [(m, m.training) for root in modules for m in root.modules()]
     devices = sorted(
-        {p.device.index or 0 for root in modules for p in root.parameters() if p.device.type == "cuda"}
+        {
+            p.device.index or 0
+            for root in modules
+            for p in root.parameters()
+            if p.device.type == "cuda"
+        }
     )
     try:
         with (
@@ -143,8 +148,10 @@ class LowRankNFK:
         _check_int("n_iter", n_iter, minimum=0)
         _check_int("seed", seed, minimum=None)
         _check_int("memory_budget", memory_budget, minimum=1)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (
-            math.isfinite(damping) and damping >= 0
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not (math.isfinite(damping) and damping >= 0)
         ):
             raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
         if strategy not in STRATEGIES:
@@ -521,4 +528,3 @@ def _check_int(name: str, value: object, *, minimum: int | None) -> None:
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-

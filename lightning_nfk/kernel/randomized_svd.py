@@ -13,6 +13,13 @@ the data, so ``n_iter`` iterations plus the final product cost ``n_iter + 1`` pa
 :math:`\\sigma_i^2` are exactly the squared singular values of :math:`Y = V Z_n`, so this is
 the SVD step of the paper's algorithm without keeping :math:`Y`. ``orth`` is Householder QR
 in at least float32 (float32 Cholesky-QR of :math:`V^\\top V Z` breaks down, see DESIGN.md).
+
+``n_iter = 0`` (one pass) would make that Rayleigh-Ritz step act on a random subspace, so
+it instead takes Halko et al.'s basic scheme (their Algorithms 4.1 and 5.1, :math:`q = 0`)
+from the same single pass: with :math:`Y = V Z_0`, :math:`Q = Y R^{-1}` where
+:math:`R^\\top R = Y^\\top Y = Z_0^\\top M`, and :math:`V^\\top Q = M R^{-1}`, the SVD of
+:math:`Q^\\top V` needs no further pass. It squares the sketch's condition number, so it is
+kept for this one-pass case (float64 small algebra; residuals are not available: NaN).
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ def subspace_iteration(
     # ||V Omega||_F^2 / l with Omega = Z R: tr(R^T (Z^T A Z) R) / l.
     h0 = z.double().T @ m.double()
     trace_estimate = torch.trace(r.double().T @ h0 @ r.double()) / l
+    if n_iter == 0:
+        return _single_pass(z, m, k, trace_estimate)
     for _ in range(n_iter):
         z, _ = orthonormalize(m)
         m = normal_matmat(z)
@@ -109,3 +118,24 @@ def subspace_iteration(
     res = torch.linalg.vector_norm(m.double() @ w - (z.double() @ w) * evals, dim=0)
     residuals = res / evals.abs().clamp_min(torch.finfo(torch.float64).tiny)
     return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate)
+
+
+def _single_pass(z: Tensor, m: Tensor, k: int, trace_estimate: Tensor) -> RitzPairs:
+    """SVD of Q^T V from one pass (Z, M = V^T V Z): Halko et al. 2011, Alg. 4.1 + 5.1."""
+    h = z.double().T @ m.double()  # Y^T Y
+    s, w = torch.linalg.eigh(0.5 * (h + h.T))
+    keep = s > s.max() * z.shape[0] * torch.finfo(z.dtype).eps
+    t = w[:, keep] / s[keep].sqrt()  # Q = Y t is orthonormal
+    bt = m.double() @ t  # V^T Q, (P, r)
+    c = bt.T @ bt  # (Q^T V)(Q^T V)^T, (r, r)
+    evals, u = torch.linalg.eigh(0.5 * (c + c.T))
+    evals, u = evals.flip(0)[:k].clamp_min(0.0), u.flip(1)[:, :k]
+    if evals.shape[0] < k:  # fewer than k directions in the sketch: pad with zeros
+        pad = k - evals.shape[0]
+        evals = torch.cat([evals, evals.new_zeros(pad)])
+        u = torch.cat([u, u.new_zeros(u.shape[0], pad)], dim=1)
+    sigma = evals.sqrt()
+    inv = torch.where(sigma > 0, 1.0 / sigma, torch.zeros_like(sigma))
+    vectors = (bt @ u * inv).to(z.dtype)
+    residuals = torch.full((k,), float("nan"), dtype=torch.float64)
+    return RitzPairs(evals, vectors, residuals, trace_estimate)

@@ -63,8 +63,11 @@ class GANEnergy(Energy):
                 "Give exactly one of `latent_dim` and `latent_sampler` to GANEnergy; got "
                 f"latent_dim={latent_dim!r}, latent_sampler={latent_sampler!r}."
             )
-        for name, value in (("latent_dim", latent_dim), ("num_samples", num_samples),
-                            ("batch_size", batch_size)):
+        for name, value in (
+            ("latent_dim", latent_dim),
+            ("num_samples", num_samples),
+            ("batch_size", batch_size),
+        ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         self.generator = generator

@@ -72,9 +72,7 @@ class VAEEnergy(Energy):
                     "`latent_dim` is None and the VAE has no attribute `latent_dim`: pass it."
                 )
         if likelihood not in ("bernoulli", "gaussian"):
-            raise ValueError(
-                f"`likelihood` must be 'bernoulli' or 'gaussian', got {likelihood!r}."
-            )
+            raise ValueError(f"`likelihood` must be 'bernoulli' or 'gaussian', got {likelihood!r}.")
         for name, value in (("latent_dim", latent_dim), ("num_samples", num_samples)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -95,7 +93,9 @@ class VAEEnergy(Energy):
         for i, row in enumerate(rows):
             digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest()
             g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-            eps[i] = torch.randn(self.num_samples, self.latent_dim, generator=g, dtype=torch.float64)
+            eps[i] = torch.randn(
+                self.num_samples, self.latent_dim, generator=g, dtype=torch.float64
+            )
         return (eps.to(device=x.device, dtype=x.dtype),)
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:

@@ -20,7 +20,9 @@ class DCGANGenerator(nn.Module):
         image_size: 28 or 32.
     """
 
-    def __init__(self, latent_dim: int = 64, channels: int = 1, width: int = 64, image_size: int = 28) -> None:
+    def __init__(
+        self, latent_dim: int = 64, channels: int = 1, width: int = 64, image_size: int = 28
+    ) -> None:
         super().__init__()
         _check_size(image_size)
         self.latent_dim = latent_dim

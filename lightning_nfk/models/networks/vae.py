@@ -16,7 +16,9 @@ class ConvVAE(nn.Module):
         image_size: 28 or 32.
     """
 
-    def __init__(self, channels: int = 1, latent_dim: int = 16, width: int = 32, image_size: int = 28) -> None:
+    def __init__(
+        self, channels: int = 1, latent_dim: int = 16, width: int = 32, image_size: int = 28
+    ) -> None:
         super().__init__()
         if image_size not in (28, 32):
             raise ValueError(f"`image_size` must be 28 or 32, got {image_size}.")

@@ -18,7 +18,9 @@ class _BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shortcut = (
-            None if c_in == c_out and stride == 1 else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+            None
+            if c_in == c_out and stride == 1
+            else nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -49,7 +51,9 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"`depth` must be 6n + 4 with n >= 1 (16, 22, 28, 40...), got {depth}.")
+            raise ValueError(
+                f"`depth` must be 6n + 4 with n >= 1 (16, 22, 28, 40...), got {depth}."
+            )
         if widen_factor < 1:
             raise ValueError(f"`widen_factor` must be >= 1, got {widen_factor}.")
         n = (depth - 4) // 6

@@ -1,0 +1,86 @@
+"""Two gloo processes on uneven shards give the single-process answer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nfk.kernel import LowRankNFK, exact_nfk
+from tests.helpers.models import make_case
+
+RUNS = [
+    ("cnn", "blocked"),
+    ("cnn", "matrix_free"),
+    ("cnn", "dense"),
+    ("gan", "blocked"),
+    ("vae", "blocked"),
+]
+SPLIT = 19  # rank 0 gets 19 rows, rank 1 the other 29: unequal on purpose
+
+
+def _fit(case, strategy, data):
+    nfk = LowRankNFK(case.energy, k=3, oversample=6, n_iter=6, strategy=strategy, seed=2).fit(data)
+    return {
+        "singular_values": nfk.singular_values,
+        "components": nfk.components,
+        "total_variance": nfk.total_variance,
+        "mean_score": nfk.mean_score,
+        "fisher_diagonal": nfk.fisher_diagonal,
+        "num_examples": nfk.num_examples,
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for name, strategy in RUNS:
+            case = make_case(name)
+            shard = case.x[:SPLIT] if rank == 0 else case.x[SPLIT:]
+            loader = DataLoader(TensorDataset(shard), batch_size=8)
+            results[f"{name}-{strategy}"] = _fit(case, strategy, loader)
+        results["exact"] = exact_nfk(
+            make_case("mlp").energy,
+            make_case("mlp").x[:SPLIT] if rank == 0 else make_case("mlp").x[SPLIT:],
+        ).singular_values
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(
+        _worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True, start_method="spawn"
+    )
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("run", [f"{n}-{s}" for n, s in RUNS])
+def test_two_processes_equal_one(two_process_results, run):
+    name, strategy = run.split("-", 1)
+    case = make_case(name)
+    single = _fit(case, strategy, case.x)
+    r0, r1 = two_process_results[0][run], two_process_results[1][run]
+    assert r0["num_examples"] == r1["num_examples"] == len(case.x)
+    for key, value in single.items():
+        if key == "num_examples" or value is None:
+            continue
+        # every rank holds the same spectrum and right singular vectors...
+        assert torch.equal(r0[key], r1[key]), key
+        # ...equal to one process on the concatenated data, up to the order of sums
+        torch.testing.assert_close(r0[key], value, rtol=1e-9, atol=1e-12 * value.abs().max().item())
+
+
+def test_exact_path_gathers_all_rows(two_process_results):
+    case = make_case("mlp")
+    expected = exact_nfk(case.energy, case.x).singular_values
+    for r in two_process_results:
+        torch.testing.assert_close(r["exact"], expected, rtol=1e-10, atol=0)

@@ -1,0 +1,192 @@
+"""LowRankNFK against an independent dense float64 reference (tests/helpers/models.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nfk.kernel import LowRankNFK, exact_nfk
+from lightning_nfk.kernel.low_rank_nfk import kernel_mode
+from lightning_nfk.kernel.per_example import ScoreJacobian
+from tests.helpers.models import make_case, reference, reference_gradients
+
+CASES = ["mlp", "cnn", "gan", "vae", "ntk"]
+STRATEGIES = ["dense", "blocked", "matrix_free"]
+
+
+def _operator(nfk: LowRankNFK, case):
+    """The fitted operator of ``nfk`` (for V @ M and V^T @ M checks)."""
+    return nfk._fitted_operator()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """Elementwise, relative to the largest entry (round-off scales with the matrix, not the entry)."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def _match_signs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flip the columns of ``a`` to agree in sign with ``b``."""
+    signs = torch.sign((a * b).sum(dim=0))
+    return a * signs
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case_and_ref(request):
+    case = make_case(request.param)
+    return case, reference(case)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_matches_dense_float64_reference(case_and_ref, strategy):
+    case, ref = case_and_ref
+    k = 4
+    nfk = LowRankNFK(case.energy, k=k, oversample=12, n_iter=12, strategy=strategy, seed=1)
+    nfk.fit(case.x)
+    assert nfk.strategy_used == strategy
+    n = case.x.shape[0]
+
+    # statistics
+    op = _operator(nfk, case)
+    if ref.fisher is not None:
+        _close(nfk.fisher_diagonal, ref.fisher, rtol=1e-10)
+    if case.name in ("mlp", "cnn", "gan"):
+        _close(nfk.mean_score, ref.z, rtol=1e-10)
+    else:
+        assert nfk.mean_score is None
+    # ||V||_F^2 is exact unless the rows are never formed and the statistics do not cover
+    # the fitting data (then it is Hutchinson's estimate, tested separately).
+    estimated = strategy == "matrix_free" and case.name in ("gan", "ntk")
+    assert nfk.total_variance_is_exact is not estimated
+    total = ref.v.square().sum()
+    if not estimated:
+        torch.testing.assert_close(nfk.total_variance, total, rtol=1e-10, atol=0)
+
+    # V @ M and V^T @ M
+    m = torch.randn(ref.v.shape[1], 3, dtype=torch.float64)
+    _close(op.matmat(case.x, m), ref.v @ m, rtol=1e-10)
+    y = torch.randn(n, 3, dtype=torch.float64)
+    _close(op.rmatmat(case.x, y), ref.v.T @ y, rtol=1e-10)
+
+    # spectrum: tolerance set by the randomized SVD's convergence (gap-dependent), far
+    # above float64 round-off but far below any modelling error.
+    torch.testing.assert_close(nfk.singular_values, ref.sigma[:k], rtol=1e-9, atol=0)
+    torch.testing.assert_close(nfk.eigenvalues, ref.sigma[:k] ** 2 / n, rtol=2e-9, atol=0)
+    ratio = ref.sigma[:k] ** 2 / nfk.total_variance
+    torch.testing.assert_close(nfk.explained_variance_ratio, ratio, rtol=2e-9, atol=0)
+
+    # embeddings of held-out inputs, up to the sign of each component. Loose on purpose:
+    # subspace iteration's vector error is about the square root of its eigenvalue error
+    # (here ~1e-12), so 1e-5 relative to the embedding scale.
+    expected = ref.fisher_vectors(reference_gradients(case, case.x_new)) @ ref.right[:, :k]
+    got = nfk.transform(case.x_new)
+    _close(_match_signs(got, expected), expected, rtol=1e-5)
+    # on the fitting set: e(X) = Phi diag(sigma)
+    emb = nfk.transform(case.x)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(emb, dim=0), ref.sigma[:k], rtol=1e-9, atol=0
+    )
+
+
+def test_gan_and_ntk_matrix_free_total_variance_is_an_estimate():
+    case = make_case("ntk")
+    ref = reference(case)
+    nfk = LowRankNFK(case.energy, k=4, oversample=40, n_iter=2, strategy="matrix_free").fit(case.x)
+    assert not nfk.total_variance_is_exact
+    # Hutchinson with l = 44 Gaussian probes: a loose check (relative sd about sqrt(2/l)).
+    assert abs(nfk.total_variance.item() / ref.v.square().sum().item() - 1) < 0.6
+
+
+def test_float32_close_to_float64_reference():
+    case = make_case("cnn")
+    ref = reference(case)
+    energy32 = case.energy.to(torch.float32)
+    nfk = LowRankNFK(energy32, k=4, oversample=12, n_iter=12).fit(case.x.float())
+    assert nfk.singular_values.dtype == torch.float32
+    torch.testing.assert_close(nfk.singular_values.double(), ref.sigma[:4], rtol=1e-4, atol=0)
+
+
+def test_dtype_float64_runs_on_a_copy():
+    case = make_case("mlp")
+    energy32 = case.energy.to(torch.float32)
+    module = energy32.module
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    nfk = LowRankNFK(energy32, k=4, oversample=12, n_iter=12, dtype=torch.float64).fit(
+        case.x.float()
+    )
+    assert nfk.singular_values.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key])
+    ref = reference(case)  # case.energy is the float64 twin of the same weights
+    torch.testing.assert_close(nfk.singular_values, ref.sigma[:4], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("strategy", ["blocked", "matrix_free"])
+@pytest.mark.parametrize("batch_size", [1, 7, 48])
+def test_invariant_to_batch_size(strategy, batch_size):
+    case = make_case("cnn")
+    base = LowRankNFK(case.energy, k=3, oversample=8, n_iter=6, strategy=strategy).fit(case.x)
+    loader = DataLoader(TensorDataset(case.x, torch.zeros(len(case.x))), batch_size=batch_size)
+    other = LowRankNFK(case.energy, k=3, oversample=8, n_iter=6, strategy=strategy).fit(loader)
+    torch.testing.assert_close(other.singular_values, base.singular_values, rtol=1e-12, atol=0)
+    torch.testing.assert_close(other.total_variance, base.total_variance, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        other.transform(case.x_new).abs(), base.transform(case.x_new).abs(), rtol=1e-9, atol=1e-12
+    )
+
+
+def test_memory_budget_chunking_does_not_change_result():
+    case = make_case("mlp")
+    small = LowRankNFK(
+        case.energy, k=3, oversample=8, strategy="blocked", memory_budget=10_000
+    ).fit(case.x)
+    assert small._fitted_operator().max_rows < 8
+    big = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(case.x)
+    torch.testing.assert_close(small.singular_values, big.singular_values, rtol=1e-12, atol=0)
+
+
+def test_same_seed_same_answer_different_seed_close():
+    case = make_case("mlp")
+    a = LowRankNFK(case.energy, k=3, oversample=4, n_iter=1, seed=3).fit(case.x)
+    b = LowRankNFK(case.energy, k=3, oversample=4, n_iter=1, seed=3).fit(case.x)
+    c = LowRankNFK(case.energy, k=3, oversample=4, n_iter=1, seed=4).fit(case.x)
+    assert torch.equal(a.singular_values, b.singular_values)
+    assert torch.equal(a.components, b.components)
+    assert not torch.equal(a.singular_values, c.singular_values)
+
+
+def test_auto_strategy_picks_dense_for_small_and_blocked_beyond_budget():
+    case = make_case("mlp")
+    assert LowRankNFK(case.energy, k=3, oversample=4).fit(case.x).strategy_used == "dense"
+    nfk = LowRankNFK(case.energy, k=3, oversample=4, memory_budget=50_000).fit(case.x)
+    assert nfk.strategy_used == "blocked"
+
+
+def test_exact_nfk_matches_reference():
+    case = make_case("vae")
+    ref = reference(case)
+    ex = exact_nfk(case.energy, case.x)
+    torch.testing.assert_close(ex.fisher_vectors, ref.v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ex.singular_values[:10], ref.sigma[:10], rtol=1e-10, atol=0)
+    torch.testing.assert_close(ex.gram, ref.v @ ref.v.T, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(ex.total_variance, ref.v.square().sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ex.eigenvalues[:3], ref.sigma[:3] ** 2 / len(case.x))
+
+
+def test_snapshot_fit_is_immune_to_later_training():
+    case = make_case("mlp")
+    nfk = LowRankNFK(case.energy, k=3, oversample=4).fit(case.x)
+    before = nfk.transform(case.x_new)
+    with torch.no_grad():
+        for p in case.energy.module.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(nfk.transform(case.x_new), before, rtol=0, atol=0)
+
+
+def test_score_jacobian_names_follow_module_order():
+    case = make_case("vae")
+    jac = ScoreJacobian(case.energy)
+    assert jac.names == ["net." + n for n, _ in case.energy.module.named_parameters()]
+    with kernel_mode(case.energy):
+        assert not case.energy.module.training

@@ -1,0 +1,56 @@
+"""state_dict / load_state_dict and save / load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK
+from tests.helpers.models import make_case
+
+
+@pytest.mark.parametrize("strategy", ["blocked", "matrix_free"])
+def test_save_load_round_trip(tmp_path, strategy):
+    case = make_case("cnn")
+    nfk = LowRankNFK(case.energy, k=3, oversample=5, strategy=strategy, dtype=torch.float64).fit(
+        case.x
+    )
+    path = tmp_path / "nfk.pt"
+    nfk.save(path)
+    loaded = LowRankNFK.load(
+        path, make_case("cnn", seed=5).energy
+    )  # other weights, same architecture
+    assert loaded.dtype == torch.float64 and loaded.k == 3 and loaded.strategy_used == strategy
+    for name in (
+        "singular_values",
+        "eigenvalues",
+        "explained_variance_ratio",
+        "total_variance",
+        "components",
+    ):
+        assert torch.equal(getattr(loaded, name), getattr(nfk, name)), name
+    assert loaded.num_examples == nfk.num_examples
+    torch.testing.assert_close(
+        loaded.transform(case.x_new), nfk.transform(case.x_new), rtol=0, atol=0
+    )
+
+
+def test_state_dict_is_weights_only_loadable(tmp_path):
+    case = make_case("gan")
+    nfk = LowRankNFK(case.energy, k=2, oversample=4).fit(case.x)
+    torch.save(nfk.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    other = LowRankNFK(case.energy, k=2, oversample=4)
+    other.load_state_dict(state)
+    torch.testing.assert_close(
+        other.transform(case.x_new), nfk.transform(case.x_new), rtol=0, atol=0
+    )
+
+
+def test_load_into_a_different_architecture_is_refused(tmp_path):
+    case = make_case("mlp")
+    nfk = LowRankNFK(case.energy, k=2, oversample=4).fit(case.x)
+    nfk.save(tmp_path / "nfk.pt")
+    with pytest.raises(ValueError, match=r"saved parameter names do not match the energy's module"):
+        LowRankNFK.load(tmp_path / "nfk.pt", ClassifierEnergy(nn.Linear(6, 3)))
