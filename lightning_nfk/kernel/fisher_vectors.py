@@ -108,11 +108,18 @@ class FisherVectors:
             chunks = self.chunks(data) if source == "data" else self._sample_chunks()
             acc = torch.zeros(2 * p + 2, dtype=torch.float64, device=self.device)
             for x, extras in chunks:
-                g = self.jacobian.gradients(x, extras).to(torch.float64)
-                acc[-1] += (~torch.isfinite(g).all(dim=1)).sum()
-                acc[-2] += g.shape[0]
-                acc[:p] += g.sum(dim=0)
-                acc[p : 2 * p] += g.square_().sum(dim=0)
+                row_sums = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
+                for sl, block in zip(
+                    self.jacobian.slices, self.jacobian.gradient_blocks(x, extras)
+                ):
+                    g = block.to(torch.float64)
+                    row_sums += g.sum(dim=1)
+                    acc[sl] += g.sum(dim=0)
+                    acc[p + sl.start : p + sl.stop] += g.square_().sum(dim=0)
+                acc[-1] += (
+                    ~torch.isfinite(row_sums)
+                ).sum()  # a non-finite entry spoils its row sum
+                acc[-2] += x.shape[0]
             acc = self.reduce(acc)
             count = acc[-2].item()
             what = "fitting examples" if source == "data" else "model samples"
@@ -148,23 +155,35 @@ class FisherVectors:
             self.scale = (f + self.damping).rsqrt().to(self.dtype)
 
     # -- products ------------------------------------------------------------------------------
+    def row_blocks(self, x: Tensor, extras: tuple[Tensor, ...]) -> list[Tensor]:
+        """Fisher vectors of a chunk, one (B, numel) block per parameter (never concatenated:
+        the products below run block by block, which saves copying B x P entries)."""
+        blocks = self.jacobian.gradient_blocks(x, extras)
+        for sl, block in zip(self.jacobian.slices, blocks):
+            if self.mean_score is not None:
+                block.sub_(self.mean_score[sl])
+            if self.scale is not None:
+                block.mul_(self.scale[sl])
+        return blocks
+
     def rows(self, x: Tensor, extras: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """Fisher vectors :math:`V_b` (B x P) of a chunk, and the count of non-finite rows."""
-        v = self.jacobian.gradients(x, extras)
-        bad = (~torch.isfinite(v).all(dim=1)).sum()
-        if self.mean_score is not None:
-            v.sub_(self.mean_score)
-        if self.scale is not None:
-            v.mul_(self.scale)
-        return v, bad
+        v = torch.cat(self.row_blocks(x, extras), dim=1)
+        return v, (~torch.isfinite(v.sum(dim=1))).sum()
+
+    def _blocks_matmat(self, blocks: list[Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
+        y = z.new_zeros(blocks[0].shape[0], z.shape[1])
+        for sl, block in zip(self.jacobian.slices, blocks):
+            y.addmm_(block, z[sl])
+        # Z has no zero entries almost surely, so a non-finite V row gives a non-finite Y row.
+        return y, (~torch.isfinite(y).all(dim=1)).sum()
 
     def matmat_chunk(
         self, x: Tensor, extras: tuple[Tensor, ...], z: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:math:`V_b Z` (B x l) of a chunk, and the count of non-finite rows."""
         if not self.matrix_free:
-            v, bad = self.rows(x, extras)
-            return v @ z, bad
+            return self._blocks_matmat(self.row_blocks(x, extras), z)
         t = z if self.scale is None else z * self.scale[:, None]
         y = self.jacobian.jvp(x, extras, t)
         if self.mean_score is not None:
@@ -195,31 +214,38 @@ class FisherVectors:
             if self.matrix_free:
                 out += self._rmatmat_chunk(x, extras, yb)
             else:
-                out.addmm_(self.rows(x, extras)[0].T, yb)
+                for sl, block in zip(self.jacobian.slices, self.row_blocks(x, extras)):
+                    out[sl].addmm_(block.T, yb)
         if start != y.shape[0]:
             raise ValueError(f"`y` has {y.shape[0]} rows; the data has {start} examples.")
         return self.reduce(out)
 
-    def normal_matmat(self, data: Data, z: Tensor) -> tuple[Tensor, float | None]:
-        """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and
-        :math:`\\|V\\|_F^2` when the rows were formed (``blocked``), else ``None``."""
+    def normal_matmat(
+        self, data: Data, z: Tensor, *, frobenius: bool = False
+    ) -> tuple[Tensor, float | None]:
+        """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and, when
+        ``frobenius`` and the rows are formed (not ``matrix_free``), :math:`\\|V\\|_F^2`."""
         m = torch.zeros_like(z)
         tail = torch.zeros(3, dtype=torch.float64, device=self.device)  # sumsq, bad, count
+        frobenius = frobenius and not self.matrix_free
         for x, extras in self.chunks(data):
             if self.matrix_free:
                 y, bad = self.matmat_chunk(x, extras, z)
                 m += self._rmatmat_chunk(x, extras, y)
             else:
-                v, bad = self.rows(x, extras)
-                y = v @ z
-                m.addmm_(v.T, y)
-                tail[0] += torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square()
+                blocks = self.row_blocks(x, extras)
+                y, bad = self._blocks_matmat(blocks, z)
+                for sl, block in zip(self.jacobian.slices, blocks):
+                    m[sl].addmm_(block.T, y)
+                    if frobenius:
+                        flat = block.reshape(-1)
+                        tail[0] += torch.dot(flat, flat).double()
             tail[1] += bad
             tail[2] += x.shape[0]
         m = self.reduce(m)
         tail = self.reduce(tail)
         self._raise_if_bad(tail[1], tail[2].item(), "fitting examples")
-        return m, (None if self.matrix_free else tail[0].item())
+        return m, (tail[0].item() if frobenius else None)
 
     def materialize(self, data: Data) -> Tensor:
         """This process's rows of :math:`V` (n_local x P)."""

@@ -384,10 +384,12 @@ class LowRankNFK:
         }
 
     def _fit_randomized(self, op: FisherVectors, data: Data, n: int) -> dict[str, Any]:
+        # ||V||_F^2 from the first pass, unless the statistics already gave it exactly.
         first_pass_sumsq: list[float | None] = []
 
         def normal_matmat(z: Tensor) -> Tensor:
-            m, sumsq = op.normal_matmat(data, z)
+            want = not first_pass_sumsq and op.data_sum_of_squares is None
+            m, sumsq = op.normal_matmat(data, z, frobenius=want)
             first_pass_sumsq.append(sumsq)
             return m
 

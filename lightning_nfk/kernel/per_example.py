@@ -59,6 +59,11 @@ class ScoreJacobian:
         self.shapes = [self.theta[n].shape for n in self.names]
         self.numels = [self.theta[n].numel() for n in self.names]
         self.num_parameters = sum(self.numels)
+        starts = [0]
+        for n in self.numels[:-1]:
+            starts.append(starts[-1] + n)
+        self.slices = [slice(a, a + n) for a, n in zip(starts, self.numels)]
+        """Where each parameter's block sits in the flattened :math:`\\theta`."""
         first = next(iter(self.theta.values()))
         self.dtype, self.device = first.dtype, first.device
 
@@ -84,8 +89,8 @@ class ScoreJacobian:
         with torch.no_grad():
             return self._call(self.theta, x, extras)
 
-    def gradients(self, x: Tensor, extras: tuple[Tensor, ...] = ()) -> Tensor:
-        """Per-example gradients :math:`G_b`, shape (B, P)."""
+    def gradient_blocks(self, x: Tensor, extras: tuple[Tensor, ...] = ()) -> list[Tensor]:
+        """Per-example gradients, one contiguous (B, numel) block per parameter (no copy)."""
 
         def single(theta: dict[str, Tensor], xi: Tensor, *ei: Tensor) -> Tensor:
             out = self._call(theta, xi.unsqueeze(0), tuple(e.unsqueeze(0) for e in ei))
@@ -93,7 +98,11 @@ class ScoreJacobian:
 
         in_dims = (None, 0, *([0] * len(extras)))
         per_example = vmap(grad(single), in_dims=in_dims)(self.theta, x, *extras)
-        return self._flatten(per_example, x.shape[0])
+        return [per_example[n].reshape(x.shape[0], -1) for n in self.names]
+
+    def gradients(self, x: Tensor, extras: tuple[Tensor, ...] = ()) -> Tensor:
+        """Per-example gradients :math:`G_b`, shape (B, P)."""
+        return torch.cat(self.gradient_blocks(x, extras), dim=1)
 
     def jvp(self, x: Tensor, extras: tuple[Tensor, ...], tangents: Tensor) -> Tensor:
         """:math:`G_b T` for ``tangents`` T of shape (P, l), by forward mode; returns (B, l)."""
