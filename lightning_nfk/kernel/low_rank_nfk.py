@@ -30,6 +30,7 @@ STRATEGIES = ("auto", "dense", "blocked", "matrix_free")
 DEFAULT_MEMORY_BUDGET = 2**30
 _MAX_BLOCK_ROWS = 1024
 _MAX_MATRIX_FREE_ROWS = 128
+_DENSE_EXAMPLES_PER_PASS = 256
 _STATE_VERSION = 1
 
 
@@ -83,8 +84,8 @@ class LowRankNFK:
     * ``"matrix_free"``: :math:`VZ` by JVP and :math:`V^\\top Y` by VJP batched over the
       ``l`` columns (the paper's way); cost grows with ``l``.
     * ``"auto"``: ``dense`` when :math:`V` fits ``memory_budget`` and
-      :math:`\\min(N, P) \\le 2 (n\\_iter + 1)(k + oversample)` (where the exact
-      Gram costs less than the power passes), else ``blocked``.
+      :math:`\\min(N, P) \\le 256\\,(n\\_iter + 1)` (where the exact Gram costs less than
+      the power passes), else ``blocked``.
 
     Distributed: when ``torch.distributed`` is initialised (or ``reduce`` is given), each
     process passes its own disjoint shard of the fitting data; every sum is reduced and
@@ -286,8 +287,10 @@ class LowRankNFK:
             )
         if self.strategy != "auto":
             return self.strategy
-        l = self.k + self.oversample
-        cheap = min(n, p) <= 2 * (self.n_iter + 1) * l
+        # Alg. 1 costs one gradient pass plus a min(N, P)^2 max(N, P) Gram; the randomized fit
+        # n_iter + 2 gradient passes. Measured crossover on LeNet-5 (BENCHMARKS.md): about
+        # 400 (n_iter + 1) examples; 256 (n_iter + 1) keeps a margin.
+        cheap = min(n, p) <= _DENSE_EXAMPLES_PER_PASS * (self.n_iter + 1)
         return "dense" if fits and cheap else "blocked"
 
     def _check_energy(self, jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:

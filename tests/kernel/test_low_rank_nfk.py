@@ -161,6 +161,10 @@ def test_auto_strategy_picks_dense_for_small_and_blocked_beyond_budget():
     assert LowRankNFK(case.energy, k=3, oversample=4).fit(case.x).strategy_used == "dense"
     nfk = LowRankNFK(case.energy, k=3, oversample=4, memory_budget=50_000).fit(case.x)
     assert nfk.strategy_used == "blocked"
+    # min(N, P) = min(300, 279) > 256 (n_iter + 1): the power passes are cheaper than Alg. 1
+    x = torch.randn(300, 6, dtype=torch.float64)
+    assert LowRankNFK(case.energy, k=3, oversample=4, n_iter=0).fit(x).strategy_used == "blocked"
+    assert LowRankNFK(case.energy, k=3, oversample=4, n_iter=1).fit(x).strategy_used == "dense"
 
 
 def test_exact_nfk_matches_reference():
