@@ -1,5 +1,21 @@
-"""Data: IDX reading now; LightningDataModules come with the Lightning layer."""
+"""LightningDataModules for the experiments, and the IDX reader."""
 
 from lightning_nfk.data.idx import read_idx
+from lightning_nfk.data.image_datamodule import (
+    ImageDataModule,
+    ImageTensorDataset,
+    balanced_label_indices,
+)
+from lightning_nfk.data.mnist_like import FashionMNISTDataModule, MNISTDataModule
+from lightning_nfk.data.torchvision_sets import CIFAR10DataModule, SVHNDataModule
 
-__all__ = ["read_idx"]
+__all__ = [
+    "CIFAR10DataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "ImageTensorDataset",
+    "MNISTDataModule",
+    "SVHNDataModule",
+    "balanced_label_indices",
+    "read_idx",
+]

@@ -15,6 +15,13 @@ from lightning_nfk.kernel.energies import (
 from lightning_nfk.kernel.exact import ExactNFK, exact_nfk
 from lightning_nfk.kernel.fisher_vectors import FisherVectors, NonFiniteGradientError
 from lightning_nfk.kernel.low_rank_nfk import LowRankNFK, kernel_mode
+from lightning_nfk.kernel.metrics import (
+    components_for,
+    cumulative_explained_variance,
+    effective_rank,
+    stable_rank,
+    subspace_drift,
+)
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import RitzPairs, subspace_iteration
 
@@ -31,7 +38,12 @@ __all__ = [
     "ScoreJacobian",
     "VAEEnergy",
     "all_reduce_sum",
+    "components_for",
+    "cumulative_explained_variance",
+    "effective_rank",
     "exact_nfk",
     "kernel_mode",
+    "stable_rank",
+    "subspace_drift",
     "subspace_iteration",
 ]

@@ -16,7 +16,7 @@ per pass; each process only ever sees its own rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -69,12 +69,15 @@ class FisherVectors:
         self.fisher_diagonal: Tensor | None = None  # I, (P,), float64
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
         self.data_sum_of_squares: float | None = None  # ||V||_F^2 when the sums allow it
+        self.progress: Callable[[int], None] | None = None  # called with each chunk's size
 
     # -- data ------------------------------------------------------------------------------
     def chunks(self, data: Data) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
         """(x, extras) chunks of the data, with the energy's per-example extras."""
         for x in iter_chunks(data, self.max_rows, self.device, self.dtype):
             yield x, self.energy.extras(x)
+            if self.progress is not None:
+                self.progress(x.shape[0])
 
     def _sample_chunks(self) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
         batches = self.energy.sample_batches(

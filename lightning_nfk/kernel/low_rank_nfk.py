@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -316,13 +316,15 @@ class LowRankNFK:
                 )
             return
 
-    def fit(self, data: Data) -> LowRankNFK:
+    def fit(self, data: Data, progress: Callable[[int], None] | None = None) -> LowRankNFK:
         """Fit the rank-``k`` NFK on ``data`` (this process's shard of the fitting set).
 
         Args:
             data: a tensor of inputs ``(n, ...)``, or an iterable (e.g. a ``DataLoader``)
                 of batches ``x`` or ``(x, ...)``. It must yield the same examples on every
                 pass (no random augmentation; shuffling is fine).
+            progress: called with the number of examples of each chunk processed, in every
+                pass over ``data`` (at most ``n_iter + 2`` passes), e.g. ``bar.update``.
 
         Returns:
             self.
@@ -335,11 +337,12 @@ class LowRankNFK:
         """
         energy = self._working_energy()
         with kernel_mode(energy):
-            op, n = self._prepare(data, energy)
+            op, n = self._prepare(data, energy, progress)
             if op.strategy == "dense":
-                result = self._fit_dense(op, data, n)
+                result = self._fit_dense(op, data)
             else:
-                result = self._fit_randomized(op, data, n)
+                result = self._fit_randomized(op, data)
+        op.progress = None
         self._op = op
         self._result = {
             **result,
@@ -351,7 +354,9 @@ class LowRankNFK:
         }
         return self
 
-    def _prepare(self, data: Data, energy: Energy) -> tuple[FisherVectors, int]:
+    def _prepare(
+        self, data: Data, energy: Energy, progress: Callable[[int], None] | None = None
+    ) -> tuple[FisherVectors, int]:
         """Validate, resolve the strategy, build the operator and fit its statistics."""
         check_data(data)
         jac = ScoreJacobian(energy)
@@ -371,10 +376,11 @@ class LowRankNFK:
         op = self._operator(jac, strategy)
         if n_local > 0:
             self._check_energy(jac, op, data)
+        op.progress = progress
         op.fit_statistics(data, n)
         return op, n
 
-    def _fit_dense(self, op: FisherVectors, data: Data, n: int) -> dict[str, Any]:
+    def _fit_dense(self, op: FisherVectors, data: Data) -> dict[str, Any]:
         v = gather_rows(op.materialize(data), self.reduce)
         sigma, right, _ = exact_decomposition(v, self.k)
         total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square()
@@ -386,7 +392,7 @@ class LowRankNFK:
             "total_variance_is_exact": True,
         }
 
-    def _fit_randomized(self, op: FisherVectors, data: Data, n: int) -> dict[str, Any]:
+    def _fit_randomized(self, op: FisherVectors, data: Data) -> dict[str, Any]:
         # ||V||_F^2 from the first pass, unless the statistics already gave it exactly.
         first_pass_sumsq: list[float | None] = []
 

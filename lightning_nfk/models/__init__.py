@@ -1,5 +1,7 @@
-"""Networks (plain torch) and, later, the LightningModules built on them."""
+"""Networks (plain torch), LightningModules, and the NFK protocol that joins them to the callbacks."""
 
+from lightning_nfk.models.classifier import ClassifierModule
+from lightning_nfk.models.gan import GANModule
 from lightning_nfk.models.networks import (
     MLP,
     ConvVAE,
@@ -8,5 +10,19 @@ from lightning_nfk.models.networks import (
     LeNet5,
     WideResNet,
 )
+from lightning_nfk.models.protocol import NFKModule, nfk_energy_of
+from lightning_nfk.models.vae import VAEModule
 
-__all__ = ["MLP", "ConvVAE", "DCGANDiscriminator", "DCGANGenerator", "LeNet5", "WideResNet"]
+__all__ = [
+    "MLP",
+    "ClassifierModule",
+    "ConvVAE",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "GANModule",
+    "LeNet5",
+    "NFKModule",
+    "VAEModule",
+    "WideResNet",
+    "nfk_energy_of",
+]

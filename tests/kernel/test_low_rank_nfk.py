@@ -148,9 +148,10 @@ def test_memory_budget_chunking_does_not_change_result():
 
 def test_same_seed_same_answer_different_seed_close():
     case = make_case("mlp")
-    a = LowRankNFK(case.energy, k=3, oversample=4, n_iter=1, seed=3).fit(case.x)
-    b = LowRankNFK(case.energy, k=3, oversample=4, n_iter=1, seed=3).fit(case.x)
-    c = LowRankNFK(case.energy, k=3, oversample=4, n_iter=1, seed=4).fit(case.x)
+    kw = {"k": 3, "oversample": 4, "n_iter": 1, "strategy": "blocked"}
+    a = LowRankNFK(case.energy, seed=3, **kw).fit(case.x)
+    b = LowRankNFK(case.energy, seed=3, **kw).fit(case.x)
+    c = LowRankNFK(case.energy, seed=4, **kw).fit(case.x)
     assert torch.equal(a.singular_values, b.singular_values)
     assert torch.equal(a.components, b.components)
     assert not torch.equal(a.singular_values, c.singular_values)
@@ -194,3 +195,17 @@ def test_score_jacobian_names_follow_module_order():
     assert jac.names == ["net." + n for n, _ in case.energy.module.named_parameters()]
     with kernel_mode(case.energy):
         assert not case.energy.module.training
+
+
+def test_shuffled_loader_with_labels_gives_the_same_kernel():
+    case = make_case("mlp")
+    base = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(case.x)
+    loader = DataLoader(
+        TensorDataset(case.x, torch.arange(len(case.x))),
+        batch_size=5,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    other = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(loader)
+    assert other.num_examples == len(case.x)
+    torch.testing.assert_close(other.singular_values, base.singular_values, rtol=1e-12, atol=0)

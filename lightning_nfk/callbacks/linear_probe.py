@@ -1,0 +1,262 @@
+"""LinearProbeCallback: how good a model's representation is, as a linear probe.
+
+The paper's protocol (Zhang et al., ICLR 2022, Section 5): a linear classifier on frozen
+features (NFK embeddings, a layer's activations, or any callable), also with few labels
+(500/1000/2000/4000 in the semi-supervised tables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_nfk.callbacks.nfk_spectrum import (
+    NFKSpectrumCallback,
+    probe_dataset,
+    rng_devices,
+    shard_bounds,
+)
+from lightning_nfk.kernel import LowRankNFK
+from lightning_nfk.kernel.linalg import gather_rows
+from lightning_nfk.kernel.linear_probe import DEFAULT_L2_GRID, select_and_fit
+from lightning_nfk.kernel.low_rank_nfk import kernel_mode
+from lightning_nfk.models.protocol import nfk_energy_of
+
+FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
+
+
+class LinearProbeCallback(Callback):
+    """Every ``every_n_epochs`` epochs, fit a multinomial logistic regression on frozen
+    features of labelled training examples and log its validation accuracy.
+
+    Features (``features``):
+
+    * ``"nfk"``: NFK embeddings :math:`e(x) = V_x P`; from the :class:`NFKSpectrumCallback`
+      of the same trainer when it fitted this epoch, else from this callback's own
+      :class:`LowRankNFK` fit on ``nfk_fit_size`` training examples;
+    * the name of a submodule of the LightningModule (e.g. ``"net.classifier.4"``): its
+      flattened output activations, in eval mode;
+    * a callable ``f(pl_module, x) -> (B, d)`` features.
+
+    The probe: standardised features, full-batch L-BFGS in float64, L2 strength chosen
+    from ``l2_grid`` on a seeded held-out 20% of the labelled examples, then refitted on
+    all of them. Training examples: up to ``max_train`` (seeded) from the data module's
+    label budget (``num_labels``) when it has one, else from the training split;
+    evaluation: the validation split (up to ``max_val``). Under DDP each rank extracts the
+    features of its own shard; they are gathered, and every rank fits the same probe.
+
+    Logs ``probe/acc`` (validation accuracy), ``probe/train_acc`` and ``probe/l2``.
+
+    Args:
+        features: ``"nfk"``, a submodule name or a callable (see above).
+        every_n_epochs: run after every n-th training epoch.
+        max_train, max_val: caps on the examples used.
+        l2_grid: candidate L2 strengths.
+        k, oversample, n_iter, nfk_fit_size: this callback's own NFK fit when needed.
+        batch_size: feature extraction batch size.
+        seed: seed of the subsets and of the hold-out split.
+    """
+
+    def __init__(
+        self,
+        features: str | FeatureFn = "nfk",
+        every_n_epochs: int = 1,
+        max_train: int = 10000,
+        max_val: int = 10000,
+        l2_grid: tuple[float, ...] = DEFAULT_L2_GRID,
+        k: int = 32,
+        oversample: int = 10,
+        n_iter: int = 4,
+        nfk_fit_size: int = 1024,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not (callable(features) or isinstance(features, str)):
+            raise TypeError(
+                f"`features` must be 'nfk', a submodule name or a callable, got {type(features).__name__}."
+            )
+        for name, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("max_train", max_train),
+            ("max_val", max_val),
+            ("k", k),
+            ("nfk_fit_size", nfk_fit_size),
+            ("batch_size", batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not l2_grid or any(not (v >= 0) for v in l2_grid):
+            raise ValueError(
+                f"`l2_grid` must be a non-empty sequence of numbers >= 0, got {l2_grid!r}."
+            )
+        self.features = features
+        self.every_n_epochs = every_n_epochs
+        self.max_train, self.max_val = max_train, max_val
+        self.l2_grid = tuple(float(v) for v in l2_grid)
+        self.k, self.oversample, self.n_iter, self.nfk_fit_size = (
+            k,
+            oversample,
+            n_iter,
+            nfk_fit_size,
+        )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.history: list[dict[str, float]] = []
+        self._cache: dict[str, tuple[Tensor, Tensor, int]] = {}
+
+    @property
+    def state_key(self) -> str:
+        name = (
+            self.features
+            if isinstance(self.features, str)
+            else getattr(self.features, "__name__", "callable")
+        )
+        return self._generate_state_key(features=name, max_train=self.max_train)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.features == "nfk":
+            nfk_energy_of(pl_module)
+        elif isinstance(self.features, str):
+            names = dict(pl_module.named_modules())
+            if self.features not in names:
+                some = [n for n in names if n][:12]
+                raise ValueError(
+                    f"`features` ({self.features!r}) is neither 'nfk' nor a submodule of "
+                    f"{type(pl_module).__name__}; submodules include {some}."
+                )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._run_probe(trainer, pl_module)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _split(self, trainer: pl.Trainer, which: str) -> tuple[Tensor, Tensor, int]:
+        """This rank's shard of the (seeded, capped) labelled-train or validation examples,
+        and the shard's first position in the whole selection."""
+        if which not in self._cache:
+            dm = trainer.datamodule
+            if which == "train":
+                has_labels = dm is not None and getattr(dm, "num_labels", None) is not None
+                dataset = dm.dataset("labeled") if has_labels else probe_dataset(trainer, "train")
+                cap = self.max_train
+            else:
+                dataset, cap = probe_dataset(trainer, "val"), self.max_val
+            n = len(dataset)
+            g = torch.Generator().manual_seed(self.seed + (which == "val"))
+            idx = torch.randperm(n, generator=g)[:cap].sort().values if n > cap else torch.arange(n)
+            lo, hi = shard_bounds(len(idx), trainer.global_rank, trainer.world_size)
+            items = [dataset[int(i)] for i in idx[lo:hi]]
+            x = torch.stack([it[0] for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64)
+            self._cache[which] = (x, y, lo)
+        return self._cache[which]
+
+    # -- features ------------------------------------------------------------------------------
+    def _nfk(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reduce) -> LowRankNFK:
+        for cb in trainer.callbacks:
+            if (
+                isinstance(cb, NFKSpectrumCallback)
+                and cb.nfk is not None
+                and cb.history
+                and cb.history[-1]["epoch"] == trainer.current_epoch
+            ):
+                return cb.nfk
+        # the first nfk_fit_size examples of the whole selection, wherever their rank is
+        x, _, lo = self._split(trainer, "train")
+        x_fit = x[: max(0, min(x.shape[0], self.nfk_fit_size - lo))]
+        return LowRankNFK(
+            nfk_energy_of(pl_module),
+            k=self.k,
+            oversample=self.oversample,
+            n_iter=self.n_iter,
+            seed=self.seed,
+            reduce=reduce,
+        ).fit(x_fit.to(pl_module.device))
+
+    def _extract(
+        self, pl_module: pl.LightningModule, x: Tensor, fn: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        parts = [
+            fn(xb.to(pl_module.device)).detach().flatten(1).double()
+            for xb in x.split(self.batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
+
+    def _feature_fn(self, trainer, pl_module, reduce) -> Callable[[Tensor], Tensor]:
+        if self.features == "nfk":
+            nfk = self._nfk(trainer, pl_module, reduce)
+            return nfk.transform
+        if callable(self.features):
+            fn = self.features
+            return lambda xb: fn(pl_module, xb)
+        layer = dict(pl_module.named_modules())[self.features]
+
+        def activations(xb: Tensor) -> Tensor:
+            out: list[Tensor] = []
+            handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
+            try:
+                pl_module(xb)
+            finally:
+                handle.remove()
+            return out[0]
+
+        return activations
+
+    def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        world = trainer.world_size
+
+        def reduce(t: Tensor) -> Tensor:
+            return trainer.strategy.reduce(t, reduce_op="sum") if world > 1 else t
+
+        with torch.random.fork_rng(devices=rng_devices(pl_module)), torch.no_grad():
+            x_tr, y_tr, _ = self._split(trainer, "train")
+            x_va, y_va, _ = self._split(trainer, "val")
+            fn = self._feature_fn(trainer, pl_module, reduce)
+            with kernel_mode(_ModuleOnly(pl_module)):
+                f_tr = self._extract(pl_module, x_tr, fn)
+                f_va = self._extract(pl_module, x_va, fn)
+            # gather every rank's rows (sum-reduce into place); labels travel as float64
+            f_tr = gather_rows(f_tr.to(pl_module.device), reduce)
+            f_va = gather_rows(f_va.to(pl_module.device), reduce)
+            y_tr = gather_rows(y_tr.double().to(pl_module.device), reduce).long()
+            y_va = gather_rows(y_va.double().to(pl_module.device), reduce).long()
+            num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
+            probe = select_and_fit(
+                f_tr.cpu(), y_tr.cpu(), num_classes, self.l2_grid, seed=self.seed
+            )
+        metrics = {
+            "probe/acc": probe.accuracy(f_va.cpu(), y_va.cpu()),
+            "probe/train_acc": probe.accuracy(f_tr.cpu(), y_tr.cpu()),
+            "probe/l2": probe.l2,
+        }
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self.history.append({"epoch": trainer.current_epoch, **metrics})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # extracted examples: a cache, rebuilt on demand
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+class _ModuleOnly:
+    """The duck-typed view of a module that :func:`kernel_mode` needs (eval mode, RNG, restore)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def auxiliary_modules(self) -> list[nn.Module]:
+        return []

@@ -1,0 +1,213 @@
+"""Shared machinery of the image LightningDataModules: in-memory uint8 tensors, a seeded
+validation split, a training subset, and a balanced label budget for the
+semi-supervised protocol."""
+
+from __future__ import annotations
+
+import abc
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels, normalised on the fly; optional CIFAR-style
+    augmentation (random 4-pixel-padded crop and horizontal flip)."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: bool = False,
+    ) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.images[i].float().div_(255)
+        if self.augment:
+            h, w = x.shape[1:]
+            x = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+            top, left = torch.randint(0, 9, (2,)).tolist()
+            x = x[:, top : top + h, left : left + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(2)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def balanced_label_indices(labels: Tensor, num_labels: int, seed: int) -> Tensor:
+    """``num_labels`` indices, as equal as possible across classes, drawn with ``seed``.
+
+    Raises:
+        ValueError: if a class has fewer examples than its share.
+    """
+    classes = labels.unique().tolist()
+    g = torch.Generator().manual_seed(seed)
+    base, extra = divmod(num_labels, len(classes))
+    chosen = []
+    for j, c in enumerate(classes):
+        pool = (labels == c).nonzero().flatten()
+        share = base + (1 if j < extra else 0)
+        if share > len(pool):
+            raise ValueError(
+                f"`num_labels` ({num_labels}) asks {share} examples of class {c}, which has "
+                f"only {len(pool)} in the training split."
+            )
+        chosen.append(pool[torch.randperm(len(pool), generator=g)[:share]])
+    return torch.cat(chosen).sort().values
+
+
+class ImageDataModule(pl.LightningDataModule, abc.ABC):
+    """Base of the image data modules.
+
+    Args:
+        data_dir: where the dataset lives or is downloaded.
+        batch_size: loader batch size.
+        num_workers: loader workers.
+        val_size: examples held out of the official training split for validation
+            (seeded); 0 uses the official test split for validation.
+        train_subset: keep only this many (seeded) training examples.
+        num_labels: label budget for the semi-supervised protocol (balanced per class,
+            seeded); ``labeled_dataset`` holds them.
+        augment: random crop and flip on training batches (never on the NFK's data).
+        normalization: ``"standard"`` (the dataset's mean and std, for classifiers),
+            ``"symmetric"`` (to [-1, 1], for GANs with a tanh generator) or ``"none"``
+            ([0, 1], for VAEs with a Bernoulli likelihood).
+        seed: seed of the split, the subset and the label draw.
+    """
+
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    num_classes: int = 10
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        train_subset: int | None = None,
+        num_labels: int | None = None,
+        augment: bool = False,
+        normalization: Literal["standard", "symmetric", "none"] = "standard",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if normalization not in ("standard", "symmetric", "none"):
+            raise ValueError(
+                f"`normalization` must be 'standard', 'symmetric' or 'none', got {normalization!r}."
+            )
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("val_size", val_size, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        for name, value in (("train_subset", train_subset), ("num_labels", num_labels)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be None or a positive integer, got {value!r}.")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.train_subset = train_subset
+        self.num_labels = num_labels
+        self.augment = augment
+        self.normalization = normalization
+        self.seed = seed
+        self._splits: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    @abc.abstractmethod
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """uint8 images (N, C, H, W) and int64 labels of the official train or test split."""
+
+    def prepare_data(self) -> None:
+        self.load_split(train=True)
+        self.load_split(train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        x, y = self.load_split(train=True)
+        x_test, y_test = self.load_split(train=False)
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(len(x), generator=g)
+        if self.val_size >= len(x):
+            raise ValueError(
+                f"`val_size` ({self.val_size}) must be smaller than the training split ({len(x)})."
+            )
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :].sort().values
+        if self.train_subset is not None:
+            train_idx = (
+                train_idx[torch.randperm(len(train_idx), generator=g)[: self.train_subset]]
+                .sort()
+                .values
+            )
+        splits = {"train": (x[train_idx], y[train_idx]), "test": (x_test, y_test)}
+        splits["val"] = (
+            (x[val_idx.sort().values], y[val_idx.sort().values])
+            if self.val_size
+            else splits["test"]
+        )
+        if self.num_labels is not None:
+            if self.num_labels > len(train_idx):
+                raise ValueError(
+                    f"`num_labels` ({self.num_labels}) exceeds the training examples ({len(train_idx)})."
+                )
+            labeled = balanced_label_indices(splits["train"][1], self.num_labels, self.seed)
+            splits["labeled"] = (splits["train"][0][labeled], splits["train"][1][labeled])
+        self._splits = splits
+
+    def dataset(self, split: str, augment: bool = False) -> ImageTensorDataset:
+        """The ``"train"``, ``"val"``, ``"test"`` or ``"labeled"`` split (after ``setup``)."""
+        if self._splits is None:
+            self.setup()
+        assert self._splits is not None
+        if split not in self._splits:
+            raise ValueError(f"No split {split!r}; available: {sorted(self._splits)}.")
+        x, y = self._splits[split]
+        return ImageTensorDataset(x, y, *self.normalization_constants(), augment=augment)
+
+    def normalization_constants(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) applied to images in [0, 1]."""
+        channels = len(self.mean)
+        if self.normalization == "standard":
+            return self.mean, self.std
+        if self.normalization == "symmetric":
+            return (0.5,) * channels, (0.5,) * channels
+        return (0.0,) * channels, (1.0,) * channels
+
+    @property
+    def labeled_dataset(self) -> ImageTensorDataset:
+        """The label budget (``num_labels``) or, without one, the whole training split."""
+        return self.dataset("labeled" if self.num_labels is not None else "train")
+
+    def _loader(self, split: str, shuffle: bool, augment: bool = False) -> DataLoader:
+        return DataLoader(
+            self.dataset(split, augment=augment),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, augment=self.augment)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

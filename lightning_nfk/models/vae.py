@@ -1,0 +1,59 @@
+"""A VAE LightningModule (ELBO); its NFK is the ELBO with frozen per-example noise."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_nfk.kernel import Energy, VAEEnergy
+
+
+class VAEModule(pl.LightningModule):
+    """Maximises the ELBO of ``vae`` (which exposes ``encode``/``decode``, see VAEEnergy).
+
+    Args:
+        vae: the VAE network.
+        likelihood: ``"bernoulli"`` (targets are the images mapped to [0, 1]) or
+            ``"gaussian"``.
+        gaussian_std: standard deviation of the Gaussian likelihood.
+        optimizer: optimizer factory.
+
+    With the Bernoulli likelihood the inputs are also the targets, so they must lie in
+    [0, 1]: use a data module with ``normalization="none"``.
+    """
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        gaussian_std: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["vae", "optimizer"])
+        self.vae = vae
+        self.optimizer = optimizer
+        self.energy = VAEEnergy(vae, likelihood=likelihood, gaussian_std=gaussian_std)
+
+    def nfk_energy(self) -> Energy:
+        return self.energy
+
+    def _elbo(self, batch: tuple[Tensor, ...] | Tensor) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        eps = torch.randn(x.shape[0], 1, self.energy.latent_dim, device=x.device, dtype=x.dtype)
+        return self.energy.score(self.vae, x, eps).mean()
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        elbo = self._elbo(batch)
+        self.log("train/elbo", elbo, prog_bar=True)
+        return -elbo
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.log("val/elbo", self._elbo(batch), sync_dist=True)
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters())

@@ -1,0 +1,66 @@
+"""Both callbacks under Lightning's DDP (2 CPU processes, gloo) log what one process logs."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger
+
+from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
+from tests.helpers.data import RandomImageDataModule
+from tests.helpers.lightning import tiny_classifier
+
+
+def _run(tmp_path, devices: int) -> dict[str, float]:
+    pl.seed_everything(0)
+    callbacks = [
+        NFKSpectrumCallback(
+            k=4, oversample=6, n_iter=3, probe_size=101, plot=False
+        ),  # odd: uneven shards
+        LinearProbeCallback(
+            max_train=203, max_val=77, k=4, oversample=6, n_iter=3, nfk_fit_size=64
+        ),
+    ]
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        limit_train_batches=2,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=callbacks,
+    )
+    # lr = 0 and no BatchNorm: the weights are the same whatever the world size
+    trainer.fit(tiny_classifier(batch_norm=False, lr=0.0), RandomImageDataModule(batch_size=16))
+    with open(f"{tmp_path}/logs/version_0/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for row in rows:
+        for key, value in row.items():
+            if (
+                value
+                and (key.startswith("nfk/") or key.startswith("probe/"))
+                and key != "nfk/seconds"
+            ):
+                out[f"{key}@{row['epoch']}"] = float(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_and_ddp(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("one"), 1), _run(tmp_path_factory.mktemp("two"), 2)
+
+
+def test_ddp_figures_equal_single_process(single_and_ddp):
+    one, two = single_and_ddp
+    assert set(one) == set(two)
+    assert {"nfk/sigma_1@1", "nfk/subspace_drift@1", "probe/acc@1", "probe/l2@1"} <= set(one)
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -1,0 +1,121 @@
+"""Data modules: where Fashion-MNIST is found, splits, label budgets, normalisation."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_nfk.data import FashionMNISTDataModule, balanced_label_indices
+from tests.helpers.data import RandomImageDataModule
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion(folder: Path, n_train: int = 300, n_test: int = 50) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+def test_fashion_mnist_found_in_data_dir_first(tmp_path, monkeypatch, layout):
+    monkeypatch.setattr(FashionMNISTDataModule, "debian_dir", tmp_path / "absent")
+    _fake_fashion(tmp_path if layout == "flat" else tmp_path / "FashionMNIST" / "raw")
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), val_size=100, batch_size=32)
+    dm.setup()
+    assert (
+        len(dm.dataset("train")) == 200
+        and len(dm.dataset("val")) == 100
+        and len(dm.dataset("test")) == 50
+    )
+    x, _y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32
+
+
+def test_fashion_mnist_error_lists_the_three_ways(tmp_path, monkeypatch):
+    monkeypatch.setattr(FashionMNISTDataModule, "debian_dir", tmp_path / "absent")
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("network unreachable")
+
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path / "nothing"))
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"(?s)FashionMNIST not found.*1\. put the four IDX files.*"
+        r"2\. on Debian: apt-get install -y dataset-fashion-mnist.*3\. let torchvision download it.*"
+        r"network unreachable",
+    ):
+        dm.setup()
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(),
+    reason="apt-get install dataset-fashion-mnist",
+)
+def test_fashion_mnist_from_debian(tmp_path):
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), val_size=5000, num_labels=500, seed=0)
+    dm.setup()
+    assert len(dm.dataset("train")) == 55000 and len(dm.dataset("test")) == 10000
+    assert torch.bincount(dm.labeled_dataset.labels).tolist() == [50] * 10
+    x = torch.stack([dm.dataset("test")[i][0] for i in range(2000)])
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1  # standardised
+
+
+def test_splits_are_seeded_and_disjoint():
+    a, b, c = (RandomImageDataModule(val_size=100, train_subset=200, seed=s) for s in (0, 0, 1))
+    for dm in (a, b, c):
+        dm.setup()
+    assert torch.equal(a.dataset("train").images, b.dataset("train").images)
+    assert not torch.equal(a.dataset("train").images, c.dataset("train").images)
+    assert len(a.dataset("train")) == 200 and len(a.dataset("val")) == 100
+
+
+def test_balanced_label_indices():
+    labels = torch.arange(1000) % 10
+    idx = balanced_label_indices(labels, 45, seed=0)
+    counts = torch.bincount(labels[idx], minlength=10).tolist()
+    assert sorted(counts) == [4] * 5 + [5] * 5 and len(set(idx.tolist())) == 45
+    assert torch.equal(idx, balanced_label_indices(labels, 45, seed=0))
+    with pytest.raises(
+        ValueError, match=r"`num_labels` \(2000\) asks 200 examples of class 0, which has only 100"
+    ):
+        balanced_label_indices(labels, 2000, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("normalization", "low", "high"), [("none", 0.0, 1.0), ("symmetric", -1.0, 1.0)]
+)
+def test_normalization(normalization, low, high):
+    dm = RandomImageDataModule(normalization=normalization)
+    x = torch.stack([dm.dataset("train")[i][0] for i in range(50)])
+    assert x.min() >= low and x.max() <= high
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, r"`batch_size` must be an integer >= 1, got 0"),
+        ({"num_labels": 0}, r"`num_labels` must be None or a positive integer, got 0"),
+        (
+            {"normalization": "minmax"},
+            r"`normalization` must be 'standard', 'symmetric' or 'none', got 'minmax'",
+        ),
+    ],
+    ids=["batch", "labels", "normalization"],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RandomImageDataModule(**kwargs)
