@@ -10,8 +10,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Run the CLI (``args`` defaults to ``sys.argv[1:]``); subcommands fit, validate, test."""
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """The LightningCLI (``args`` defaults to ``sys.argv[1:]``); subcommands fit, validate,
+    test; ``run=False`` only parses and instantiates (no subcommand in ``args`` then)."""
     return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -22,6 +23,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    """Console entry point ``lightning-nfk``."""
+    build_cli()
 
 
 if __name__ == "__main__":

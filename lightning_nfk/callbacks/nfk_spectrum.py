@@ -79,7 +79,7 @@ class NFKSpectrumCallback(Callback):
     * ``nfk/subspace_drift``: :math:`1 - \\|\\Phi_{prev}^\\top \\Phi\\|_F^2 / k`, the mean
       squared sine of the principal angles between this and the previous fit's top-k left
       singular subspace on the probe set (0: unchanged, 1: orthogonal; not logged at the
-      first fit). It costs one more pass over the probe set;
+      first fit). The probe-set embeddings come free with the last pass;
     * ``nfk/seconds``: wall time of the fit.
 
     A plot of :math:`c_j` against j (log axis), this epoch over the earlier ones as in the
@@ -92,9 +92,11 @@ class NFKSpectrumCallback(Callback):
     Args:
         k: components (default 32: enough to see the decay of Fig. 2).
         oversample: extra sketch columns.
-        n_iter: power iterations (default 4; ``n_iter + 3`` passes over the probe set in
-            all, with the statistics and the drift pass).
-        probe_size: examples in the probe set (default 1024).
+        n_iter: power iterations (default 3; ``n_iter + 2`` passes over the probe set in
+            all, with the statistics pass). Enough for monitoring: the top
+            eigenvalues converge first; raise it (and ``oversample``) for precise tails.
+        probe_size: examples in the probe set (default 512). The defaults keep the fit
+            under 10% of a Fashion-MNIST LeNet-5 epoch on 2 CPU cores (BENCHMARKS.md).
         probe_split: ``"train"`` or ``"val"``.
         every_n_epochs: fit after every n-th training epoch.
         damping, strategy, dtype, memory_budget: passed to :class:`LowRankNFK`.
@@ -111,8 +113,8 @@ class NFKSpectrumCallback(Callback):
         self,
         k: int = 32,
         oversample: int = 10,
-        n_iter: int = 4,
-        probe_size: int = 1024,
+        n_iter: int = 3,
+        probe_size: int = 512,
         probe_split: Literal["train", "val"] = "train",
         every_n_epochs: int = 1,
         damping: float = 1e-8,
@@ -212,10 +214,11 @@ class NFKSpectrumCallback(Callback):
             )
             with self._progress(trainer, x.shape[0]) as update:
                 nfk.fit(x, progress=update)
-                sigma = nfk.singular_values.to(nfk.components.device, nfk.components.dtype)
-                phi_local = nfk.transform(x) / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
-                update(x.shape[0])
-            phi, _ = torch.linalg.qr(gather_rows(phi_local, reduce).double())
+                # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
+                emb = nfk.fit_embedding if nfk.fit_embedding is not None else nfk.transform(x)
+            phi, _ = torch.linalg.qr(
+                gather_rows(emb, reduce).double()
+            )  # orthonormal basis of span(Phi)
             seconds = time.perf_counter() - start
         self.nfk = nfk
         metrics = {
@@ -252,7 +255,7 @@ class NFKSpectrumCallback(Callback):
             return
         from tqdm.auto import tqdm
 
-        total = n_local * (self.n_iter + 3)
+        total = n_local * (self.n_iter + 2)
         with tqdm(
             total=total, desc="NFK spectrum", unit="ex", leave=False, dynamic_ncols=True
         ) as bar:

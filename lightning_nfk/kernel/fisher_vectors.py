@@ -70,6 +70,7 @@ class FisherVectors:
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
         self.data_sum_of_squares: float | None = None  # ||V||_F^2 when the sums allow it
         self.progress: Callable[[int], None] | None = None  # called with each chunk's size
+        self.last_rows: Tensor | None = None  # V Z of the last pass with keep_rows
 
     # -- data ------------------------------------------------------------------------------
     def chunks(self, data: Data) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
@@ -224,11 +225,13 @@ class FisherVectors:
         return self.reduce(out)
 
     def normal_matmat(
-        self, data: Data, z: Tensor, *, frobenius: bool = False
+        self, data: Data, z: Tensor, *, frobenius: bool = False, keep_rows: bool = False
     ) -> tuple[Tensor, float | None]:
         """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and, when
-        ``frobenius`` and the rows are formed (not ``matrix_free``), :math:`\\|V\\|_F^2`."""
+        ``frobenius`` and the rows are formed (not ``matrix_free``), :math:`\\|V\\|_F^2`.
+        With ``keep_rows``, this process's :math:`V Z` (n_local x l) is left in ``last_rows``."""
         m = torch.zeros_like(z)
+        rows: list[Tensor] = []
         tail = torch.zeros(3, dtype=torch.float64, device=self.device)  # sumsq, bad, count
         frobenius = frobenius and not self.matrix_free
         for x, extras in self.chunks(data):
@@ -245,9 +248,13 @@ class FisherVectors:
                         tail[0] += torch.dot(flat, flat).double()
             tail[1] += bad
             tail[2] += x.shape[0]
+            if keep_rows:
+                rows.append(y)
         m = self.reduce(m)
         tail = self.reduce(tail)
         self._raise_if_bad(tail[1], tail[2].item(), "fitting examples")
+        if keep_rows:
+            self.last_rows = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
         return m, (tail[0].item() if frobenius else None)
 
     def materialize(self, data: Data) -> Tensor:

@@ -173,6 +173,7 @@ class LowRankNFK:
         self.reduce: Reduce = reduce if reduce is not None else all_reduce_sum
         self._op: FisherVectors | None = None
         self._result: dict[str, Any] | None = None
+        self._fit_embedding: Tensor | None = None
 
     # -- public results ----------------------------------------------------------------------
     @property
@@ -225,6 +226,15 @@ class LowRankNFK:
         """(k,) relative residuals :math:`\\|V^\\top V p_i - \\sigma_i^2 p_i\\| / \\sigma_i^2`;
         a computable bound on each eigenvalue's relative error (zeros for ``dense``)."""
         return self._get("residuals")
+
+    @property
+    def fit_embedding(self) -> Tensor | None:
+        """(n_local, k) embeddings :math:`e(x) = V_x P` of this process's fitting examples,
+        in the order ``fit`` saw them, taken from the last pass at no extra cost
+        (:math:`\\Phi\\,\\mathrm{diag}(\\sigma)` up to signs). None for ``n_iter = 0`` and
+        after ``load``; ``transform`` gives the same for any inputs, at one more pass."""
+        self._get("singular_values")
+        return self._fit_embedding
 
     @property
     def num_examples(self) -> int:
@@ -381,8 +391,10 @@ class LowRankNFK:
         return op, n
 
     def _fit_dense(self, op: FisherVectors, data: Data) -> dict[str, Any]:
-        v = gather_rows(op.materialize(data), self.reduce)
+        local = op.materialize(data)
+        v = gather_rows(local, self.reduce)
         sigma, right, _ = exact_decomposition(v, self.k)
+        self._fit_embedding = local @ right
         total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square()
         return {
             "singular_values": sigma.to(op.dtype),
@@ -398,7 +410,7 @@ class LowRankNFK:
 
         def normal_matmat(z: Tensor) -> Tensor:
             want = not first_pass_sumsq and op.data_sum_of_squares is None
-            m, sumsq = op.normal_matmat(data, z, frobenius=want)
+            m, sumsq = op.normal_matmat(data, z, frobenius=want, keep_rows=True)
             first_pass_sumsq.append(sumsq)
             return m
 
@@ -418,6 +430,11 @@ class LowRankNFK:
             total, exact = first_pass_sumsq[0], True
         else:
             total, exact = ritz.trace_estimate.item(), False
+        embedding = None
+        if ritz.coefficients is not None and op.last_rows is not None:
+            embedding = op.last_rows @ ritz.coefficients.to(op.last_rows.dtype)
+        op.last_rows = None
+        self._fit_embedding = embedding
         return {
             "singular_values": ritz.eigenvalues.sqrt().to(op.dtype).cpu(),
             "components": ritz.vectors,

@@ -44,12 +44,15 @@ class RitzPairs:
             on each eigenvalue's relative error, float64.
         trace_estimate: Hutchinson's estimate of :math:`\\operatorname{tr} A = \\|V\\|_F^2` from
             the Gaussian test matrix (first pass), float64.
+        coefficients: (l, k) W with ``vectors = Z W`` for the Z of the last product (so
+            :math:`V \\cdot` vectors :math:`= (V Z) W`), float64; None for ``n_iter = 0``.
     """
 
     eigenvalues: Tensor
     vectors: Tensor
     residuals: Tensor
     trace_estimate: Tensor
+    coefficients: Tensor | None = None
 
 
 def orthonormalize(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,7 +120,7 @@ def subspace_iteration(
     # Residual of each Ritz pair: ||M w - lambda Z w|| (M w = A Z w), relative to lambda.
     res = torch.linalg.vector_norm(m.double() @ w - (z.double() @ w) * evals, dim=0)
     residuals = res / evals.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate)
+    return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate, w)
 
 
 def _single_pass(z: Tensor, m: Tensor, k: int, trace_estimate: Tensor) -> RitzPairs:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_nfk.cli import main
+from lightning_nfk.cli import build_cli
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 SMALL_CALLBACKS = {
@@ -76,7 +76,9 @@ def test_recipe_parses_as_is(recipe):
     args = ["--config", str(recipe)]
     if yaml.safe_load(recipe.read_text())["trainer"].get("accelerator") == "gpu":
         args.append("--trainer.accelerator=cpu")  # GPU recipes: no GPU on this machine
-    cli = main(args, run=False)  # parses and instantiates model, data module, trainer, callbacks
+    cli = build_cli(
+        args, run=False
+    )  # parses and instantiates model, data module, trainer, callbacks
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
     assert "NFKSpectrumCallback" in names and "LinearProbeCallback" in names
     assert callable(cli.model.nfk_energy)
@@ -87,7 +89,7 @@ def test_recipe_runs_one_small_epoch(recipe, tmp_path):
     config = _small(yaml.safe_load(recipe.read_text()), tmp_path)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    cli = main(["fit", "--config", str(path)])
+    cli = build_cli(["fit", "--config", str(path)])
     metrics = cli.trainer.callback_metrics
     assert "nfk/sigma_1" in metrics and "probe/acc" in metrics
 

@@ -81,8 +81,11 @@ def test_matches_dense_float64_reference(case_and_ref, strategy):
     expected = ref.fisher_vectors(reference_gradients(case, case.x_new)) @ ref.right[:, :k]
     got = nfk.transform(case.x_new)
     _close(_match_signs(got, expected), expected, rtol=1e-5)
-    # on the fitting set: e(X) = Phi diag(sigma)
+    # on the fitting set: e(X) = Phi diag(sigma), also free from the last pass
     emb = nfk.transform(case.x)
+    fit_expected = ref.v @ ref.right[:, :k]
+    _close(_match_signs(nfk.fit_embedding, fit_expected), fit_expected, rtol=1e-5)
+    _close(_match_signs(emb, fit_expected), fit_expected, rtol=1e-5)
     torch.testing.assert_close(
         torch.linalg.vector_norm(emb, dim=0), ref.sigma[:k], rtol=1e-9, atol=0
     )
