@@ -137,3 +137,12 @@ class Energy(abc.ABC):
 def _check_module(name: str, module: object) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(module).__name__}.")
+
+
+def scalar_per_example(out: Tensor, what: str) -> Tensor:
+    """``out`` of shape (B,) or (B, 1) as (B,); otherwise a ValueError naming ``what``."""
+    if out.ndim == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.ndim != 1:
+        raise ValueError(f"{what}, shape (B,) or (B, 1); got shape {tuple(out.shape)}.")
+    return out

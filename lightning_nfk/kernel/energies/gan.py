@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from lightning_nfk.kernel.energies.base import Energy, _check_module
+from lightning_nfk.kernel.energies.base import Energy, _check_module, scalar_per_example
 
 LatentSampler = Callable[[int, torch.Generator], Tensor]
 
@@ -78,15 +78,9 @@ class GANEnergy(Energy):
         self.seed = seed
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
-        out = module(x)
-        if out.ndim == 2 and out.shape[1] == 1:
-            out = out[:, 0]
-        if out.ndim != 1:
-            raise ValueError(
-                "GANEnergy expects the discriminator to return one logit per example, shape "
-                f"(B,) or (B, 1); got shape {tuple(out.shape)}."
-            )
-        return out
+        return scalar_per_example(
+            module(x), "GANEnergy expects the discriminator to return one logit per example"
+        )
 
     def latents(self) -> Tensor:
         """All ``num_samples`` latents, identical on every process."""

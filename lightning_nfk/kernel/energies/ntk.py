@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightning_nfk.kernel.energies.base import Energy
+from lightning_nfk.kernel.energies.base import Energy, scalar_per_example
 
 
 class NTKEnergy(Energy):
@@ -21,12 +21,4 @@ class NTKEnergy(Energy):
         super().__init__(model)
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
-        out = module(x)
-        if out.ndim == 2 and out.shape[1] == 1:
-            out = out[:, 0]
-        if out.ndim != 1:
-            raise ValueError(
-                f"NTKEnergy expects a scalar output per example, shape (B,) or (B, 1); got "
-                f"shape {tuple(out.shape)}."
-            )
-        return out
+        return scalar_per_example(module(x), "NTKEnergy expects a scalar output per example")
