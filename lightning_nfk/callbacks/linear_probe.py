@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_nfk.callbacks.nfk_spectrum import (
     NFKSpectrumCallback,
+    check_strategy,
     probe_dataset,
     rng_devices,
     shard_bounds,
@@ -122,6 +123,7 @@ class LinearProbeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.features == "nfk":
             nfk_energy_of(pl_module)
+            check_strategy(trainer, type(self).__name__)
         elif isinstance(self.features, str):
             names = dict(pl_module.named_modules())
             if self.features not in names:

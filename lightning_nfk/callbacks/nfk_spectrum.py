@@ -48,6 +48,20 @@ def probe_dataset(trainer: pl.Trainer, split: str) -> Any:
     return dataset
 
 
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(trainer: pl.Trainer, who: str) -> None:
+    """Refuse strategies that shard the parameters: the NFK needs every rank to hold theta."""
+    name = type(trainer.strategy).__name__
+    if name in _SHARDED_STRATEGIES:
+        raise ValueError(
+            f"{who} does not support {name}: it shards the parameters, and the NFK needs the full "
+            "parameter vector on every rank. Use a data-parallel strategy (ddp, ddp_spawn) or "
+            "one device."
+        )
+
+
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Contiguous, unpadded shard of ``n`` rows for ``rank`` (sizes differ by at most one)."""
     return rank * n // world_size, (rank + 1) * n // world_size
@@ -162,6 +176,7 @@ class NFKSpectrumCallback(Callback):
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         nfk_energy_of(pl_module)  # refuse a module without the protocol before training
+        check_strategy(trainer, type(self).__name__)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -182,3 +182,18 @@ def test_module_without_protocol_is_refused(tmp_path):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NFKSpectrumCallback(**kwargs)
+
+
+def test_parameter_sharding_strategies_are_refused():
+    from lightning_nfk.callbacks.nfk_spectrum import check_strategy
+
+    class FSDPStrategy:  # the name is what matters
+        pass
+
+    class FakeTrainer:
+        strategy = FSDPStrategy()
+
+    with pytest.raises(
+        ValueError, match=r"NFKSpectrumCallback does not support FSDPStrategy: it shards"
+    ):
+        check_strategy(FakeTrainer(), "NFKSpectrumCallback")

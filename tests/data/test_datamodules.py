@@ -119,3 +119,33 @@ def test_normalization(normalization, low, high):
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RandomImageDataModule(**kwargs)
+
+
+def test_cifar10_and_svhn_layouts(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 (N, H, W, C) and SVHN (N, C, H, W) arrays become (N, C, H, W)."""
+    import torchvision
+
+    from lightning_nfk.data import CIFAR10DataModule, SVHNDataModule
+
+    class FakeCIFAR:
+        def __init__(self, root, train, download):
+            n = 60 if train else 20
+            self.data = np.zeros((n, 32, 32, 3), np.uint8)
+            self.data[..., 0] = 255  # red
+            self.targets = [i % 10 for i in range(n)]
+
+    class FakeSVHN:
+        def __init__(self, root, split, download):
+            n = 60 if split == "train" else 20
+            self.data = np.zeros((n, 3, 32, 32), np.uint8)
+            self.labels = np.arange(n) % 10
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR)
+    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
+    cifar = CIFAR10DataModule(data_dir=str(tmp_path), val_size=10, normalization="none")
+    x, y = cifar.dataset("train")[0]
+    assert x.shape == (3, 32, 32) and x[0].min() == 1.0 and x[1:].max() == 0.0
+    assert len(cifar.dataset("train")) == 50 and len(cifar.dataset("test")) == 20
+    svhn = SVHNDataModule(data_dir=str(tmp_path), val_size=10, num_labels=20)
+    assert svhn.dataset("train")[0][0].shape == (3, 32, 32)
+    assert torch.bincount(svhn.labeled_dataset.labels).tolist() == [2] * 10
