@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -35,8 +36,19 @@ def _fit(case, strategy, data):
     }
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    # TCP rendezvous on loopback, as Lightning's DDP does (a file store's locks proved
+    # flaky in this sandbox: one CI run aborted in gloo).
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         torch.set_num_threads(1)
         results = {}
@@ -58,7 +70,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     mp.start_processes(
-        _worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True, start_method="spawn"
+        _worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True, start_method="spawn"
     )
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
