@@ -25,7 +25,7 @@ from lightning_nfk.callbacks.nfk_spectrum import (
 from lightning_nfk.kernel import LowRankNFK
 from lightning_nfk.kernel.linalg import gather_rows
 from lightning_nfk.kernel.linear_probe import DEFAULT_L2_GRID, select_and_fit
-from lightning_nfk.kernel.low_rank_nfk import kernel_mode
+from lightning_nfk.kernel.low_rank_nfk import check_hyperparameters, kernel_mode
 from lightning_nfk.models.protocol import nfk_energy_of
 
 FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
@@ -92,6 +92,16 @@ class LinearProbeCallback(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_hyperparameters(
+            k=k,
+            oversample=oversample,
+            n_iter=n_iter,
+            damping=1e-8,
+            strategy="auto",
+            dtype=None,
+            seed=seed,
+            memory_budget=2**30,
+        )
         if not l2_grid or any(not (v >= 0) for v in l2_grid):
             raise ValueError(
                 f"`l2_grid` must be a non-empty sequence of numbers >= 0, got {l2_grid!r}."

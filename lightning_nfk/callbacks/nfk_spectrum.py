@@ -26,7 +26,7 @@ from lightning_nfk.kernel import (
     subspace_drift,
 )
 from lightning_nfk.kernel.linalg import gather_rows
-from lightning_nfk.kernel.low_rank_nfk import STRATEGIES
+from lightning_nfk.kernel.low_rank_nfk import check_hyperparameters
 from lightning_nfk.models.protocol import nfk_energy_of
 
 
@@ -154,8 +154,16 @@ class NFKSpectrumCallback(Callback):
             )
         if probe_split not in ("train", "val"):
             raise ValueError(f"`probe_split` must be 'train' or 'val', got {probe_split!r}.")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+        check_hyperparameters(
+            k=k,
+            oversample=oversample,
+            n_iter=n_iter,
+            damping=damping,
+            strategy=strategy,
+            dtype=dtype,
+            seed=seed,
+            memory_budget=memory_budget,
+        )
         self.k, self.oversample, self.n_iter = k, oversample, n_iter
         self.probe_size, self.probe_split = probe_size, probe_split
         self.every_n_epochs = every_n_epochs

@@ -105,7 +105,7 @@ class LowRankNFK:
         damping: absolute damping of the diagonal Fisher, >= 0.
         strategy: ``"auto"``, ``"dense"``, ``"blocked"`` or ``"matrix_free"``.
         dtype: working dtype; ``torch.float64`` runs everything in float64 on a copy of the
-            model; ``None`` follows the model.
+            model; ``None`` follows the model (float32 for a float16/bfloat16 model).
         seed: seed of the random test matrix (same on every process).
         memory_budget: bytes allowed for a gradient block or the dense :math:`V`.
         reduce: sum over processes; default: ``torch.distributed.all_reduce`` when
@@ -144,21 +144,16 @@ class LowRankNFK:
                 f"`energy` must be an lightning_nfk.kernel.Energy, got {type(energy).__name__}; "
                 "wrap your model, e.g. ClassifierEnergy(model)."
             )
-        _check_int("k", k, minimum=1)
-        _check_int("oversample", oversample, minimum=0)
-        _check_int("n_iter", n_iter, minimum=0)
-        _check_int("seed", seed, minimum=None)
-        _check_int("memory_budget", memory_budget, minimum=1)
-        if (
-            isinstance(damping, bool)
-            or not isinstance(damping, (int, float))
-            or not (math.isfinite(damping) and damping >= 0)
-        ):
-            raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"`dtype` must be None or a floating torch.dtype, got {dtype!r}.")
+        check_hyperparameters(
+            k=k,
+            oversample=oversample,
+            n_iter=n_iter,
+            damping=damping,
+            strategy=strategy,
+            dtype=dtype,
+            seed=seed,
+            memory_budget=memory_budget,
+        )
         if reduce is not None and not callable(reduce):
             raise TypeError(f"`reduce` must be callable or None, got {type(reduce).__name__}.")
         self.energy = energy
@@ -263,8 +258,10 @@ class LowRankNFK:
 
     # -- fitting -----------------------------------------------------------------------------
     def _working_energy(self) -> Energy:
-        dtype = self.dtype
         current = next(p for p in self.energy.module.parameters() if p.requires_grad).dtype
+        dtype = self.dtype
+        if dtype is None and current in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # half-precision Fisher vectors and QR are not accurate enough
         return self.energy if dtype is None or dtype == current else self.energy.to(dtype)
 
     def _operator(self, jac: ScoreJacobian, strategy: str) -> FisherVectors:
@@ -549,6 +546,36 @@ _RESULT_KEYS = (
     "mean_score",
     "fisher_diagonal",
 )
+
+
+def check_hyperparameters(
+    *,
+    k: int,
+    oversample: int,
+    n_iter: int,
+    damping: float,
+    strategy: str,
+    dtype: torch.dtype | None,
+    seed: int,
+    memory_budget: int,
+) -> None:
+    """The argument checks of :class:`LowRankNFK`, for callers that build one later
+    (callbacks validate at construction, not at the first epoch end)."""
+    _check_int("k", k, minimum=1)
+    _check_int("oversample", oversample, minimum=0)
+    _check_int("n_iter", n_iter, minimum=0)
+    _check_int("seed", seed, minimum=None)
+    _check_int("memory_budget", memory_budget, minimum=1)
+    if (
+        isinstance(damping, bool)
+        or not isinstance(damping, (int, float))
+        or not (math.isfinite(damping) and damping >= 0)
+    ):
+        raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"`dtype` must be None or a floating torch.dtype, got {dtype!r}.")
 
 
 def _check_int(name: str, value: object, *, minimum: int | None) -> None:

@@ -197,3 +197,17 @@ def test_parameter_sharding_strategies_are_refused():
         ValueError, match=r"NFKSpectrumCallback does not support FSDPStrategy: it shards"
     ):
         check_strategy(FakeTrainer(), "NFKSpectrumCallback")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"damping": -1.0}, ValueError, r"`damping` must be a finite number >= 0, got -1.0"),
+        ({"dtype": torch.int32}, TypeError, r"`dtype` must be None or a floating torch.dtype"),
+        ({"memory_budget": 0}, ValueError, r"`memory_budget` must be >= 1, got 0"),
+    ],
+    ids=["damping", "dtype", "budget"],
+)
+def test_kernel_arguments_are_checked_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NFKSpectrumCallback(**kwargs)

@@ -217,3 +217,15 @@ def test_results_before_fit_raise():
         nfk.singular_values  # noqa: B018
     with pytest.raises(RuntimeError, match=r"not fitted yet"):
         nfk.transform(torch.randn(2, 4))
+
+
+def test_half_precision_model_is_fitted_in_float32():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(40, 4)
+    ref = LowRankNFK(ClassifierEnergy(net), k=2, oversample=4).fit(x)
+    half = LowRankNFK(ClassifierEnergy(net.to(torch.bfloat16)), k=2, oversample=4).fit(x.bfloat16())
+    assert half.singular_values.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())  # the model is untouched
+    # the weights were rounded to bfloat16: agreement to bfloat16's precision
+    torch.testing.assert_close(half.singular_values, ref.singular_values, rtol=3e-2, atol=0)
