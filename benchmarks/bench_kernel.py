@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nfk.data import read_idx
-from lightning_nfk.kernel import ClassifierEnergy, GANEnergy, LowRankNFK, exact_nfk
+from lightning_nfk.kernel import ClassifierEnergy, GANEnergy, LowRankNFK, exact_nfk, kernel_mode
 from lightning_nfk.kernel.randomized_svd import orthonormalize
 from lightning_nfk.models import MLP, DCGANDiscriminator, DCGANGenerator, LeNet5, WideResNet
 
@@ -118,8 +118,6 @@ def operator(energy, strategy: str, data: torch.Tensor):
     """A Fisher-vector operator with its statistics fitted, for timing single passes (the
     sketch width is the Z passed to the pass, so k here only passes validation)."""
     nfk = LowRankNFK(energy, k=1, oversample=0, strategy=strategy)
-    from lightning_nfk.kernel.low_rank_nfk import kernel_mode
-
     working = nfk._working_energy()
     with kernel_mode(working):
         op, _ = nfk._prepare(data, working)
@@ -127,8 +125,6 @@ def operator(energy, strategy: str, data: torch.Tensor):
 
 
 def one_pass_time(op, energy, data, l: int, repeats: int, device) -> float:
-    from lightning_nfk.kernel.low_rank_nfk import kernel_mode
-
     g = torch.Generator().manual_seed(0)
     z, _ = orthonormalize(torch.randn(op.num_parameters, l, generator=g).to(device))
     with kernel_mode(energy):

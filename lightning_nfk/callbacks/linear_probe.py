@@ -13,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_nfk.callbacks.nfk_spectrum import (
     NFKSpectrumCallback,
@@ -231,7 +231,7 @@ class LinearProbeCallback(Callback):
             x_tr, y_tr, _ = self._split(trainer, "train")
             x_va, y_va, _ = self._split(trainer, "val")
             fn = self._feature_fn(trainer, pl_module, reduce)
-            with kernel_mode(_ModuleOnly(pl_module)):
+            with kernel_mode(pl_module):
                 f_tr = self._extract(pl_module, x_tr, fn)
                 f_va = self._extract(pl_module, x_va, fn)
             # gather every rank's rows (sum-reduce into place); labels travel as float64
@@ -262,13 +262,3 @@ class LinearProbeCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-
-
-class _ModuleOnly:
-    """The duck-typed view of a module that :func:`kernel_mode` needs (eval mode, RNG, restore)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def auxiliary_modules(self) -> list[nn.Module]:
-        return []

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_nfk.kernel._data import Data, check_data, count_examples, first_tensor
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum, rank_and_world_size
@@ -35,9 +35,17 @@ _STATE_VERSION = 1
 
 
 @contextlib.contextmanager
-def kernel_mode(energy: Energy) -> Iterator[None]:
-    """Eval mode, gradients enabled, inference mode off, global RNG untouched; all restored."""
-    modules = [energy.module, *energy.auxiliary_modules()]
+def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
+    """Eval mode, gradients enabled, inference mode off, global RNG untouched; all restored.
+
+    ``owners`` are energies (their kernel module and auxiliary modules) or plain modules.
+    """
+    modules: list[nn.Module] = []
+    for owner in owners:
+        if isinstance(owner, Energy):
+            modules += [owner.module, *owner.auxiliary_modules()]
+        else:
+            modules.append(owner)
     flags = [(m, m.training) for root in modules for m in root.modules()]
     devices = sorted(
         {
