@@ -175,32 +175,55 @@ class FisherVectors:
         v = torch.cat(self.row_blocks(x, extras), dim=1)
         return v, (~torch.isfinite(v.sum(dim=1))).sum()
 
-    def _blocks_matmat(self, blocks: list[Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
-        y = z.new_zeros(blocks[0].shape[0], z.shape[1])
-        for sl, block in zip(self.jacobian.slices, blocks):
-            y.addmm_(block, z[sl])
+    # V Z = G (s * Z) - 1 (z . (s * Z)) and V^T Y = s * (G^T Y - z (1^T Y)): centring and
+    # scaling are folded into the (P x l) operands once per pass instead of touching every
+    # B x P gradient block (about 7% of a LeNet-5 pass).
+    def _fold(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        t = z if self.scale is None else z * self.scale[:, None]
+        return t, (None if self.mean_score is None else self.mean_score @ t)
+
+    def _unfold(self, m: Tensor, y_sum: Tensor) -> Tensor:
+        if self.mean_score is not None:
+            m = m - self.mean_score[:, None] * y_sum[None, :]
+        return m if self.scale is None else m * self.scale[:, None]
+
+    def _matmat_folded(
+        self, x: Tensor, extras: tuple[Tensor, ...], t: Tensor, c: Tensor | None
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+        """V_b Z from the folded operands; the raw gradient blocks when they were formed."""
+        if self.matrix_free:
+            y, blocks = self.jacobian.jvp(x, extras, t), None
+        else:
+            blocks = self.jacobian.gradient_blocks(x, extras)
+            y = t.new_zeros(x.shape[0], t.shape[1])
+            for sl, block in zip(self.jacobian.slices, blocks):
+                y.addmm_(block, t[sl])
+        if c is not None:
+            y = y - c[None, :]
         # Z has no zero entries almost surely, so a non-finite V row gives a non-finite Y row.
-        return y, (~torch.isfinite(y).all(dim=1)).sum()
+        return y, (~torch.isfinite(y).all(dim=1)).sum(), blocks
+
+    def _rmatmat_raw(
+        self,
+        x: Tensor,
+        extras: tuple[Tensor, ...],
+        y: Tensor,
+        blocks: list[Tensor] | None,
+        out: Tensor,
+    ) -> None:
+        """out += G_b^T Y_b (unfolded: no centring or scaling)."""
+        if blocks is None:
+            out += self.jacobian.vjp(x, extras, y)
+        else:
+            for sl, block in zip(self.jacobian.slices, blocks):
+                out[sl].addmm_(block.T, y)
 
     def matmat_chunk(
         self, x: Tensor, extras: tuple[Tensor, ...], z: Tensor
     ) -> tuple[Tensor, Tensor]:
         """:math:`V_b Z` (B x l) of a chunk, and the count of non-finite rows."""
-        if not self.matrix_free:
-            return self._blocks_matmat(self.row_blocks(x, extras), z)
-        t = z if self.scale is None else z * self.scale[:, None]
-        y = self.jacobian.jvp(x, extras, t)
-        if self.mean_score is not None:
-            y = y - (self.mean_score @ t)[None, :]
-        return y, (~torch.isfinite(y).all(dim=1)).sum()
-
-    def _rmatmat_chunk(self, x: Tensor, extras: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        r = self.jacobian.vjp(x, extras, y)
-        if self.mean_score is not None:
-            r = r - self.mean_score[:, None] * y.sum(dim=0)[None, :]
-        if self.scale is not None:
-            r = r * self.scale[:, None]
-        return r
+        y, bad, _ = self._matmat_folded(x, extras, *self._fold(z))
+        return y, bad
 
     def matmat(self, data: Data, z: Tensor) -> Tensor:
         """:math:`V Z` for this process's rows, (n_local, l)."""
@@ -215,14 +238,11 @@ class FisherVectors:
         for x, extras in self.chunks(data):
             yb = y[start : start + x.shape[0]]
             start += x.shape[0]
-            if self.matrix_free:
-                out += self._rmatmat_chunk(x, extras, yb)
-            else:
-                for sl, block in zip(self.jacobian.slices, self.row_blocks(x, extras)):
-                    out[sl].addmm_(block.T, yb)
+            blocks = None if self.matrix_free else self.jacobian.gradient_blocks(x, extras)
+            self._rmatmat_raw(x, extras, yb, blocks, out)
         if start != y.shape[0]:
             raise ValueError(f"`y` has {y.shape[0]} rows; the data has {start} examples.")
-        return self.reduce(out)
+        return self.reduce(self._unfold(out, y.sum(dim=0)))
 
     def normal_matmat(
         self, data: Data, z: Tensor, *, frobenius: bool = False, keep_rows: bool = False
@@ -230,32 +250,43 @@ class FisherVectors:
         """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and, when
         ``frobenius`` and the rows are formed (not ``matrix_free``), :math:`\\|V\\|_F^2`.
         With ``keep_rows``, this process's :math:`V Z` (n_local x l) is left in ``last_rows``."""
+        t, c = self._fold(z)
         m = torch.zeros_like(z)
-        rows: list[Tensor] = []
-        tail = torch.zeros(3, dtype=torch.float64, device=self.device)  # sumsq, bad, count
+        y_sum = z.new_zeros(z.shape[1])
+        p = self.num_parameters
         frobenius = frobenius and not self.matrix_free
+        cols = torch.zeros(2, p, dtype=torch.float64, device=self.device) if frobenius else None
+        rows: list[Tensor] = []
+        tail = torch.zeros(2, dtype=torch.float64, device=self.device)  # bad, count
         for x, extras in self.chunks(data):
-            if self.matrix_free:
-                y, bad = self.matmat_chunk(x, extras, z)
-                m += self._rmatmat_chunk(x, extras, y)
-            else:
-                blocks = self.row_blocks(x, extras)
-                y, bad = self._blocks_matmat(blocks, z)
+            y, bad, blocks = self._matmat_folded(x, extras, t, c)
+            self._rmatmat_raw(x, extras, y, blocks, m)
+            y_sum += y.sum(dim=0)
+            if cols is not None and blocks is not None:  # column sums of g and g^2
                 for sl, block in zip(self.jacobian.slices, blocks):
-                    m[sl].addmm_(block.T, y)
-                    if frobenius:
-                        flat = block.reshape(-1)
-                        tail[0] += torch.dot(flat, flat).double()
-            tail[1] += bad
-            tail[2] += x.shape[0]
+                    g = block.to(torch.float64)
+                    cols[0, sl] += g.sum(dim=0)
+                    cols[1, sl] += g.square_().sum(dim=0)
+            tail[0] += bad
+            tail[1] += x.shape[0]
             if keep_rows:
                 rows.append(y)
-        m = self.reduce(m)
+        m = self.reduce(self._unfold(m, y_sum))
         tail = self.reduce(tail)
-        self._raise_if_bad(tail[1], tail[2].item(), "fitting examples")
+        self._raise_if_bad(tail[0], tail[1].item(), "fitting examples")
         if keep_rows:
             self.last_rows = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
-        return m, (tail[0].item() if frobenius else None)
+        if cols is None:
+            return m, None
+        cols = self.reduce(cols)
+        z64 = (
+            torch.zeros(p, dtype=torch.float64, device=self.device)
+            if self.mean_score is None
+            else self.mean_score.double()
+        )
+        s64 = torch.ones_like(z64) if self.scale is None else self.scale.double()
+        centred = cols[1] - 2 * z64 * cols[0] + tail[1] * z64 * z64  # sum_x (g_x - z)^2
+        return m, (centred * s64 * s64).sum().item()
 
     def materialize(self, data: Data) -> Tensor:
         """This process's rows of :math:`V` (n_local x P)."""
