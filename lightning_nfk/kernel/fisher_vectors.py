@@ -97,7 +97,7 @@ class FisherVectors:
             )
 
     # -- statistics ----------------------------------------------------------------------------
-    def fit_statistics(self, data: Data, num_examples: int) -> None:
+    def fit_statistics(self, data: Data) -> None:
         """Mean score, diagonal Fisher and (where the sums allow) :math:`\\|V\\|_F^2`.
 
         One pass per distinct source (fitting data, model samples). Sums of :math:`g` and
@@ -120,9 +120,8 @@ class FisherVectors:
                     row_sums += g.sum(dim=1)
                     acc[sl] += g.sum(dim=0)
                     acc[p + sl.start : p + sl.stop] += g.square_().sum(dim=0)
-                acc[-1] += (
-                    ~torch.isfinite(row_sums)
-                ).sum()  # a non-finite entry spoils its row sum
+                # a non-finite entry spoils its row's sum
+                acc[-1] += (~torch.isfinite(row_sums)).sum()
                 acc[-2] += x.shape[0]
             acc = self.reduce(acc)
             count = acc[-2].item()
@@ -148,8 +147,6 @@ class FisherVectors:
             s1, s2, n = sums["data"]
             centred = s2 - 2 * z * s1 + n * z * z  # sum_x U_x^2
             self.data_sum_of_squares = (centred * scale64 * scale64).sum().item()
-        elif not sources:
-            self.data_sum_of_squares = None
 
     def load_statistics(self, mean_score: Tensor | None, fisher_diagonal: Tensor | None) -> None:
         self.mean_score = None if mean_score is None else mean_score.to(self.device, self.dtype)
@@ -159,20 +156,13 @@ class FisherVectors:
             self.scale = (f + self.damping).rsqrt().to(self.dtype)
 
     # -- products ------------------------------------------------------------------------------
-    def row_blocks(self, x: Tensor, extras: tuple[Tensor, ...]) -> list[Tensor]:
-        """Fisher vectors of a chunk, one (B, numel) block per parameter (never concatenated:
-        the products below run block by block, which saves copying B x P entries)."""
-        blocks = self.jacobian.gradient_blocks(x, extras)
-        for sl, block in zip(self.jacobian.slices, blocks):
-            if self.mean_score is not None:
-                block.sub_(self.mean_score[sl])
-            if self.scale is not None:
-                block.mul_(self.scale[sl])
-        return blocks
-
     def rows(self, x: Tensor, extras: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """Fisher vectors :math:`V_b` (B x P) of a chunk, and the count of non-finite rows."""
-        v = torch.cat(self.row_blocks(x, extras), dim=1)
+        v = self.jacobian.gradients(x, extras)
+        if self.mean_score is not None:
+            v.sub_(self.mean_score)
+        if self.scale is not None:
+            v.mul_(self.scale)
         return v, (~torch.isfinite(v.sum(dim=1))).sum()
 
     # V Z = G (s * Z) - 1 (z . (s * Z)) and V^T Y = s * (G^T Y - z (1^T Y)): centring and
@@ -218,16 +208,20 @@ class FisherVectors:
             for sl, block in zip(self.jacobian.slices, blocks):
                 out[sl].addmm_(block.T, y)
 
-    def matmat_chunk(
-        self, x: Tensor, extras: tuple[Tensor, ...], z: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """:math:`V_b Z` (B x l) of a chunk, and the count of non-finite rows."""
-        y, bad, _ = self._matmat_folded(x, extras, *self._fold(z))
-        return y, bad
+    def matmat(self, data: Data, z: Tensor, what: str = "inputs") -> Tensor:
+        """:math:`V Z` for this process's rows, (n_local, l); no collective.
 
-    def matmat(self, data: Data, z: Tensor) -> Tensor:
-        """:math:`V Z` for this process's rows, (n_local, l)."""
-        parts = [self.matmat_chunk(x, extras, z)[0] for x, extras in self.chunks(data)]
+        Raises:
+            NonFiniteGradientError: naming how many of the ``what`` have non-finite gradients.
+        """
+        t, c = self._fold(z)
+        parts, bad, count = [], 0, 0
+        for x, extras in self.chunks(data):
+            y, b, _ = self._matmat_folded(x, extras, t, c)
+            parts.append(y)
+            bad += int(b.item())
+            count += x.shape[0]
+        self._raise_if_bad(torch.tensor(bad), count, what)
         return torch.cat(parts) if parts else z.new_zeros(0, z.shape[1])
 
     def rmatmat(self, data: Data, y: Tensor) -> Tensor:

@@ -392,7 +392,7 @@ class LowRankNFK:
         if n_local > 0:
             self._check_energy(jac, op, data)
         op.progress = progress
-        op.fit_statistics(data, n)
+        op.fit_statistics(data)
         return op, n
 
     def _fit_dense(self, op: FisherVectors, data: Data) -> dict[str, Any]:
@@ -457,19 +457,8 @@ class LowRankNFK:
         """
         check_data(data)
         op = self._fitted_operator()
-        components = self.components.to(op.device, op.dtype)
-        parts, bad, count = [], 0, 0
         with kernel_mode(op.energy):
-            for x, extras in op.chunks(data):
-                e, b = op.matmat_chunk(x, extras, components)
-                parts.append(e)
-                bad += int(b.item())
-                count += x.shape[0]
-        if bad:
-            op._raise_if_bad(torch.tensor(bad), count, "inputs")
-        if not parts:
-            return torch.zeros(0, self.k, dtype=op.dtype, device=op.device)
-        return torch.cat(parts)
+            return op.matmat(data, self.components.to(op.device, op.dtype))
 
     def _fitted_operator(self) -> FisherVectors:
         if self._op is None:
