@@ -127,3 +127,12 @@ def test_pickle_and_state(tmp_path):
     fresh = LinearProbeCallback(features=_flat_pixels)
     fresh.load_state_dict(cb.state_dict())
     assert fresh.history == cb.history
+
+
+def test_same_seed_same_probe(tmp_path):
+    runs = []
+    for i in range(2):
+        cb = LinearProbeCallback(max_train=200, max_val=64, k=6, oversample=6, n_iter=2, seed=3)
+        _fit(tmp_path / str(i), [cb])
+        runs.append(cb.history)
+    assert runs[0] == runs[1]
