@@ -11,24 +11,12 @@ import torch
 from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
 from lightning_nfk.kernel.linear_probe import fit_logistic_regression, select_and_fit
 from tests.helpers.data import RandomImageDataModule
-from tests.helpers.lightning import tiny_classifier
+from tests.helpers.lightning import quick_trainer, tiny_classifier
 
 
 def _fit(tmp_path, callbacks, dm=None, epochs=1):
     pl.seed_everything(0)
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    )
+    trainer = quick_trainer(tmp_path, callbacks, max_epochs=epochs)
     model = tiny_classifier()
     trainer.fit(model, dm or RandomImageDataModule(batch_size=32))
     return trainer, model

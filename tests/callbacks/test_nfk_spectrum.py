@@ -14,25 +14,16 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from lightning_nfk.callbacks import NFKSpectrumCallback
 from lightning_nfk.kernel import LowRankNFK
 from tests.helpers.data import RandomImageDataModule
-from tests.helpers.lightning import NoProtocol, tiny_classifier
+from tests.helpers.lightning import NoProtocol, quick_trainer, tiny_classifier
 
 CB = {"k": 4, "oversample": 6, "n_iter": 3, "probe_size": 96}
 
 
 def _trainer(tmp_path, callbacks, max_epochs=2, logger=True, **kw) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=CSVLogger(tmp_path, name="logs") if logger is True else logger,
-        callbacks=callbacks,
-        deterministic=True,
-        **kw,
+    logger = CSVLogger(tmp_path, name="logs") if logger is True else logger
+    kw.setdefault("enable_checkpointing", True)
+    return quick_trainer(
+        tmp_path, callbacks, max_epochs=max_epochs, logger=logger, deterministic=True, **kw
     )
 
 

@@ -39,3 +39,23 @@ class NoProtocol(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def quick_trainer(tmp_path, callbacks=(), **overrides) -> pl.Trainer:
+    """A small CPU trainer for tests: 1 epoch of 4 batches, 1 validation batch, quiet,
+    no logger or checkpoints unless ``overrides`` say otherwise."""
+    kwargs = {
+        "default_root_dir": tmp_path,
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "limit_train_batches": 4,
+        "limit_val_batches": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "callbacks": list(callbacks),
+    }
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from lightning_nfk.kernel import ClassifierEnergy, GANEnergy, VAEEnergy
@@ -18,7 +17,7 @@ from lightning_nfk.models import (
     nfk_energy_of,
 )
 from tests.helpers.data import RandomImageDataModule
-from tests.helpers.lightning import NoProtocol, tiny_classifier
+from tests.helpers.lightning import NoProtocol, quick_trainer, tiny_classifier
 
 
 def _count(m):
@@ -61,17 +60,7 @@ def test_invalid_network_arguments(factory, error, match):
 
 
 def _train(module, dm, tmp_path):
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=1,
-        accelerator="cpu",
-        limit_train_batches=3,
-        limit_val_batches=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
+    trainer = quick_trainer(tmp_path, limit_train_batches=3)
     before = [p.detach().clone() for p in module.parameters()]
     trainer.fit(module, dm)
     assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
