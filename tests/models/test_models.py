@@ -84,6 +84,7 @@ def test_modules_train_and_expose_their_energy(tmp_path):
     t = _train(vae, RandomImageDataModule(batch_size=16, normalization="none"), tmp_path)
     assert torch.isfinite(t.callback_metrics["train/elbo"])
     assert isinstance(nfk_energy_of(vae), VAEEnergy)
+    assert VAEModule(ConvVAE(1, 4, 8, 28), nfk_noise_samples=4).nfk_energy().num_samples == 4
 
 
 def test_protocol_errors():
