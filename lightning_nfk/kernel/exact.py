@@ -6,36 +6,68 @@ and :func:`exact_nfk` refuses problems beyond its ``memory_budget``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 from torch import Tensor
 
 from lightning_nfk.kernel._data import Data
 from lightning_nfk.kernel.energies.base import Energy
-from lightning_nfk.kernel.linalg import exact_decomposition, gather_rows
+from lightning_nfk.kernel.linalg import gather_rows, gram_eigh, other_singular_vectors
 from lightning_nfk.kernel.low_rank_nfk import DEFAULT_MEMORY_BUDGET, LowRankNFK, kernel_mode
 
 
-@dataclass
 class ExactNFK:
-    """The exact NFK of a fitting set (everything in the working dtype).
+    """The exact NFK of a fitting set: V, its full spectrum, and (on first access) the
+    singular vectors and the Gram matrix.
+
+    Only the Gram matrix of the smaller side and its eigendecomposition are computed by
+    :func:`exact_nfk` (the paper's Alg. 1); ``left``, ``right`` and ``gram`` each cost one
+    more N x P product, paid when first read.
 
     Attributes:
-        fisher_vectors: V, (N, P).
-        gram: :math:`K = V V^\\top`, (N, N).
+        fisher_vectors: V, (N, P), working dtype.
         singular_values: (r,) all singular values of V, r = min(N, P), descending (float64).
-        left: (N, r) :math:`\\Phi`; right: (P, r) :math:`P`.
         mean_score: (P,) z or None; fisher_diagonal: (P,) I or None.
     """
 
-    fisher_vectors: Tensor
-    gram: Tensor
-    singular_values: Tensor
-    left: Tensor
-    right: Tensor
-    mean_score: Tensor | None
-    fisher_diagonal: Tensor | None
+    def __init__(
+        self,
+        fisher_vectors: Tensor,
+        singular_values: Tensor,
+        gram_vectors: Tensor,
+        mean_score: Tensor | None,
+        fisher_diagonal: Tensor | None,
+    ) -> None:
+        self.fisher_vectors = fisher_vectors
+        self.singular_values = singular_values
+        self._gram_vectors = gram_vectors  # from gram_eigh: left if N <= P, else right
+        self.mean_score = mean_score
+        self.fisher_diagonal = fisher_diagonal
+
+    @property
+    def _left_side(self) -> bool:
+        n, p = self.fisher_vectors.shape
+        return n <= p
+
+    @functools.cached_property
+    def _other(self) -> Tensor:
+        return other_singular_vectors(self.fisher_vectors, self.singular_values, self._gram_vectors)
+
+    @property
+    def left(self) -> Tensor:
+        """(N, r) left singular vectors :math:`\\Phi`."""
+        return self._gram_vectors.to(self.fisher_vectors.dtype) if self._left_side else self._other
+
+    @property
+    def right(self) -> Tensor:
+        """(P, r) right singular vectors :math:`P`."""
+        return self._other if self._left_side else self._gram_vectors.to(self.fisher_vectors.dtype)
+
+    @functools.cached_property
+    def gram(self) -> Tensor:
+        """:math:`K = V V^\\top`, (N, N)."""
+        return self.fisher_vectors @ self.fisher_vectors.T
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -44,7 +76,8 @@ class ExactNFK:
 
     @property
     def total_variance(self) -> Tensor:
-        return torch.trace(self.gram.double())
+        """:math:`\\|V\\|_F^2 = \\operatorname{tr} K` (float64)."""
+        return torch.linalg.vector_norm(self.fisher_vectors.flatten(), dtype=torch.float64).square()
 
     def embed(self, fisher_vectors: Tensor, k: int) -> Tensor:
         """:math:`e(x) = V_x P_{:, :k}` for explicit Fisher vectors of other inputs."""
@@ -80,5 +113,5 @@ def exact_nfk(
     with kernel_mode(working):
         op, _ = nfk._prepare(data, working)
         v = gather_rows(op.materialize(data), nfk.reduce)
-    sigma, right, left = exact_decomposition(v, min(v.shape))
-    return ExactNFK(v, v @ v.T, sigma, left, right, op.mean_score, op.fisher_diagonal)
+    sigma, vecs = gram_eigh(v)
+    return ExactNFK(v, sigma, vecs, op.mean_score, op.fisher_diagonal)

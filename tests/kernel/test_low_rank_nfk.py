@@ -212,3 +212,16 @@ def test_shuffled_loader_with_labels_gives_the_same_kernel():
     other = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(loader)
     assert other.num_examples == len(case.x)
     torch.testing.assert_close(other.singular_values, base.singular_values, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [20, 400], ids=["N<P", "N>P"])
+def test_exact_nfk_singular_vectors(n):
+    case = make_case("mlp", n=n)  # P = 279
+    ref = reference(case)
+    ex = exact_nfk(case.energy, case.x)
+    r = min(n, ref.v.shape[1])
+    assert ex.left.shape == (n, r) and ex.right.shape == (ref.v.shape[1], r)
+    k = 5
+    _close(_match_signs(ex.right[:, :k], ref.right[:, :k]), ref.right[:, :k], rtol=1e-8)
+    torch.testing.assert_close(ex.left[:, :k] * ex.singular_values[:k], ex.fisher_vectors @ ex.right[:, :k])
+    torch.testing.assert_close(ex.embed(ref.v[:3], k), ref.v[:3] @ ex.right[:, :k])
