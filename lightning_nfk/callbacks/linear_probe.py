@@ -21,6 +21,7 @@ from lightning_nfk.callbacks.nfk_spectrum import (
     probe_dataset,
     rng_devices,
     shard_bounds,
+    strategy_sum,
 )
 from lightning_nfk.kernel import LowRankNFK
 from lightning_nfk.kernel.linalg import gather_rows
@@ -207,14 +208,20 @@ class LinearProbeCallback(Callback):
             return nfk.transform
         if callable(self.features):
             fn = self.features
-            return lambda xb: fn(pl_module, xb)
+
+            def user_features(xb: Tensor) -> Tensor:
+                with torch.no_grad():  # kernel_mode turns gradients on for the NFK only
+                    return fn(pl_module, xb)
+
+            return user_features
         layer = dict(pl_module.named_modules())[self.features]
 
         def activations(xb: Tensor) -> Tensor:
             out: list[Tensor] = []
             handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
             try:
-                pl_module(xb)
+                with torch.no_grad():
+                    pl_module(xb)
             finally:
                 handle.remove()
             return out[0]
@@ -222,11 +229,7 @@ class LinearProbeCallback(Callback):
         return activations
 
     def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        world = trainer.world_size
-
-        def reduce(t: Tensor) -> Tensor:
-            return trainer.strategy.reduce(t, reduce_op="sum") if world > 1 else t
-
+        reduce = strategy_sum(trainer)
         with torch.random.fork_rng(devices=rng_devices(pl_module)), torch.no_grad():
             x_tr, y_tr, _ = self._split(trainer, "train")
             x_va, y_va, _ = self._split(trainer, "val")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +61,16 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
             "parameter vector on every rank. Use a data-parallel strategy (ddp, ddp_spawn) or "
             "one device."
         )
+
+
+def strategy_sum(trainer: pl.Trainer) -> Callable[[Tensor], Tensor]:
+    """The engine's ``reduce``: a sum over processes through the trainer's strategy."""
+    strategy, world = trainer.strategy, trainer.world_size
+
+    def reduce(t: Tensor) -> Tensor:
+        return strategy.reduce(t, reduce_op="sum") if world > 1 else t
+
+    return reduce
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -192,14 +203,6 @@ class NFKSpectrumCallback(Callback):
         self._run_fit(trainer, pl_module)
 
     # -- work -----------------------------------------------------------------------------------
-    def _reduce(self, trainer: pl.Trainer):
-        strategy = trainer.strategy
-
-        def reduce(t: Tensor) -> Tensor:
-            return strategy.reduce(t, reduce_op="sum") if trainer.world_size > 1 else t
-
-        return reduce
-
     def _local_probe(self, trainer: pl.Trainer, device: torch.device) -> Tensor:
         if self._probe_x is None:
             dataset = probe_dataset(trainer, self.probe_split)
@@ -219,7 +222,7 @@ class NFKSpectrumCallback(Callback):
         return self._probe_x.to(device)
 
     def _run_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        reduce = self._reduce(trainer)
+        reduce = strategy_sum(trainer)
         with torch.random.fork_rng(devices=rng_devices(pl_module)):
             x = self._local_probe(trainer, pl_module.device)
             start = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_nfk.callbacks import NFKSpectrumCallback
+from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
 from lightning_nfk.kernel import LowRankNFK
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import NoProtocol, quick_trainer, tiny_classifier
@@ -89,21 +89,40 @@ def test_tensorboard_gets_the_figure(tmp_path):
     assert events and max(e.stat().st_size for e in events) > 5000  # the PNG went in
 
 
-def _train_state(tmp_path, with_callback: bool):
+def _callbacks(which: str) -> list:
+    probe = {
+        "max_train": 150,
+        "max_val": 64,
+        "k": 4,
+        "oversample": 6,
+        "n_iter": 2,
+        "nfk_fit_size": 64,
+    }
+    return {
+        "none": [],
+        "spectrum": [NFKSpectrumCallback(**CB, every_n_epochs=1)],
+        "spectrum+probe": [NFKSpectrumCallback(**CB), LinearProbeCallback(**probe)],
+        "probe-own-nfk": [LinearProbeCallback(**probe)],
+        "probe-layer": [LinearProbeCallback(features="net.4", max_train=150, max_val=64)],
+    }[which]
+
+
+def _train_state(tmp_path, which: str):
     pl.seed_everything(0)
     model = tiny_classifier()
-    cbs = [NFKSpectrumCallback(**CB, every_n_epochs=1)] if with_callback else []
+    cbs = _callbacks(which)
     trainer = _trainer(
-        tmp_path / str(with_callback), cbs, max_epochs=2, logger=False, enable_checkpointing=False
+        tmp_path / which, cbs, max_epochs=2, logger=False, enable_checkpointing=False
     )
     trainer.fit(model, RandomImageDataModule(batch_size=32))
     opt = trainer.optimizers[0].state_dict()
     return model.state_dict(), opt, torch.rand(4), [m.training for m in model.modules()]
 
 
-def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
-    params_a, opt_a, rng_a, modes_a = _train_state(tmp_path, True)
-    params_b, opt_b, rng_b, modes_b = _train_state(tmp_path, False)
+@pytest.mark.parametrize("which", ["spectrum", "spectrum+probe", "probe-own-nfk", "probe-layer"])
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, which):
+    params_a, opt_a, rng_a, modes_a = _train_state(tmp_path, which)
+    params_b, opt_b, rng_b, modes_b = _train_state(tmp_path, "none")
     for key in params_b:
         assert torch.equal(params_a[key], params_b[key]), key
     for i, state in opt_b["state"].items():

@@ -223,5 +223,7 @@ def test_exact_nfk_singular_vectors(n):
     assert ex.left.shape == (n, r) and ex.right.shape == (ref.v.shape[1], r)
     k = 5
     _close(_match_signs(ex.right[:, :k], ref.right[:, :k]), ref.right[:, :k], rtol=1e-8)
-    torch.testing.assert_close(ex.left[:, :k] * ex.singular_values[:k], ex.fisher_vectors @ ex.right[:, :k])
+    torch.testing.assert_close(
+        ex.left[:, :k] * ex.singular_values[:k], ex.fisher_vectors @ ex.right[:, :k]
+    )
     torch.testing.assert_close(ex.embed(ref.v[:3], k), ref.v[:3] @ ex.right[:, :k])
