@@ -14,20 +14,22 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_nfk.callbacks.nfk_spectrum import (
-    NFKSpectrumCallback,
+from lightning_nfk.callbacks.nfk_spectrum import NFKSpectrumCallback
+from lightning_nfk.kernel import LowRankNFK, NFKConfig, Reduce, check_int, gather_rows, kernel_mode
+from lightning_nfk.kernel.linear_probe import DEFAULT_L2_GRID, select_and_fit
+from lightning_nfk.models.protocol import nfk_energy_of
+from lightning_nfk.trainer_utils import (
+    check_items,
     check_strategy,
-    probe_dataset,
+    local_shard,
+    reference_dataset,
     rng_devices,
-    shard_bounds,
+    seeded_subset,
+    stack_items,
     strategy_sum,
 )
-from lightning_nfk.kernel import LowRankNFK
-from lightning_nfk.kernel.linalg import gather_rows
-from lightning_nfk.kernel.linear_probe import DEFAULT_L2_GRID, select_and_fit
-from lightning_nfk.kernel.low_rank_nfk import check_hyperparameters, kernel_mode
-from lightning_nfk.models.protocol import nfk_energy_of
 
 FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
 
@@ -87,22 +89,16 @@ class LinearProbeCallback(Callback):
             ("every_n_epochs", every_n_epochs),
             ("max_train", max_train),
             ("max_val", max_val),
-            ("k", k),
             ("nfk_fit_size", nfk_fit_size),
             ("batch_size", batch_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        check_hyperparameters(
-            k=k,
-            oversample=oversample,
-            n_iter=n_iter,
-            damping=1e-8,
-            strategy="auto",
-            dtype=None,
-            seed=seed,
-            memory_budget=2**30,
-        )
+            check_int(name, value, 1)
+        self.config = NFKConfig(k=k, oversample=oversample, n_iter=n_iter, seed=seed)
+        if features == "nfk" and self.config.columns > nfk_fit_size:
+            raise ValueError(
+                f"`k` + `oversample` ({k} + {oversample}) must not exceed `nfk_fit_size` "
+                f"({nfk_fit_size}), the examples of this callback's own NFK fit."
+            )
         if not l2_grid or any(not (v >= 0) for v in l2_grid):
             raise ValueError(
                 f"`l2_grid` must be a non-empty sequence of numbers >= 0, got {l2_grid!r}."
@@ -111,12 +107,7 @@ class LinearProbeCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.max_train, self.max_val = max_train, max_val
         self.l2_grid = tuple(float(v) for v in l2_grid)
-        self.k, self.oversample, self.n_iter, self.nfk_fit_size = (
-            k,
-            oversample,
-            n_iter,
-            nfk_fit_size,
-        )
+        self.nfk_fit_size = nfk_fit_size
         self.batch_size = batch_size
         self.seed = seed
         self.history: list[dict[str, float]] = []
@@ -131,6 +122,7 @@ class LinearProbeCallback(Callback):
         )
         return self._generate_state_key(features=name, max_train=self.max_train)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.features == "nfk":
             nfk_energy_of(pl_module)
@@ -143,36 +135,49 @@ class LinearProbeCallback(Callback):
                     f"`features` ({self.features!r}) is neither 'nfk' nor a submodule of "
                     f"{type(pl_module).__name__}; submodules include {some}."
                 )
+        if stage == "fit" and trainer.datamodule is not None:
+            self._check_splits(trainer)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.datamodule is None:  # loaders passed to fit() exist only now
+            self._check_splits(trainer)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._run_probe(trainer, pl_module)
 
     # -- data -----------------------------------------------------------------------------------
+    def _check_splits(self, trainer: pl.Trainer) -> None:
+        for split in ("labeled", "val"):
+            check_items(reference_dataset(trainer, split), labels=True, where=f"{split} dataset")
+        n_fit = min(self.nfk_fit_size, self.max_train, len(reference_dataset(trainer, "labeled")))
+        if self.features == "nfk" and self.config.columns > n_fit:
+            raise ValueError(
+                f"`k` + `oversample` ({self.config.k} + {self.config.oversample}) must not exceed "
+                f"the examples of the probe's own NFK fit: min(`nfk_fit_size`, `max_train`, "
+                f"labelled training examples) = {n_fit}."
+            )
+
     def _split(self, trainer: pl.Trainer, which: str) -> tuple[Tensor, Tensor, int]:
         """This rank's shard of the (seeded, capped) labelled-train or validation examples,
         and the shard's first position in the whole selection."""
         if which not in self._cache:
-            dm = trainer.datamodule
-            if which == "train":
-                has_labels = dm is not None and getattr(dm, "num_labels", None) is not None
-                dataset = dm.dataset("labeled") if has_labels else probe_dataset(trainer, "train")
-                cap = self.max_train
-            else:
-                dataset, cap = probe_dataset(trainer, "val"), self.max_val
-            n = len(dataset)
-            g = torch.Generator().manual_seed(self.seed + (which == "val"))
-            idx = torch.randperm(n, generator=g)[:cap].sort().values if n > cap else torch.arange(n)
-            lo, hi = shard_bounds(len(idx), trainer.global_rank, trainer.world_size)
-            items = [dataset[int(i)] for i in idx[lo:hi]]
-            x = torch.stack([it[0] for it in items])
-            y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64)
+            cap = self.max_train if which == "labeled" else self.max_val
+            dataset = reference_dataset(trainer, which)
+            indices = seeded_subset(len(dataset), cap, self.seed + (which == "val"))
+            local, lo = local_shard(trainer, indices)
+            x, y = stack_items(dataset, local, labels=True)
+            assert y is not None
             self._cache[which] = (x, y, lo)
         return self._cache[which]
 
     # -- features ------------------------------------------------------------------------------
-    def _nfk(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reduce) -> LowRankNFK:
+    def _nfk(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, reduce: Reduce
+    ) -> LowRankNFK:
         for cb in trainer.callbacks:
             if (
                 isinstance(cb, NFKSpectrumCallback)
@@ -182,16 +187,10 @@ class LinearProbeCallback(Callback):
             ):
                 return cb.nfk
         # the first nfk_fit_size examples of the whole selection, wherever their rank is
-        x, _, lo = self._split(trainer, "train")
+        x, _, lo = self._split(trainer, "labeled")
         x_fit = x[: max(0, min(x.shape[0], self.nfk_fit_size - lo))]
-        return LowRankNFK(
-            nfk_energy_of(pl_module),
-            k=self.k,
-            oversample=self.oversample,
-            n_iter=self.n_iter,
-            seed=self.seed,
-            reduce=reduce,
-        ).fit(x_fit.to(pl_module.device))
+        nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
+        return nfk.fit(x_fit.to(pl_module.device))
 
     def _extract(
         self, pl_module: pl.LightningModule, x: Tensor, fn: Callable[[Tensor], Tensor]
@@ -231,15 +230,14 @@ class LinearProbeCallback(Callback):
     def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reduce = strategy_sum(trainer)
         with torch.random.fork_rng(devices=rng_devices(pl_module)), torch.no_grad():
-            x_tr, y_tr, _ = self._split(trainer, "train")
+            x_tr, y_tr, _ = self._split(trainer, "labeled")
             x_va, y_va, _ = self._split(trainer, "val")
             fn = self._feature_fn(trainer, pl_module, reduce)
             with kernel_mode(pl_module):
                 f_tr = self._extract(pl_module, x_tr, fn)
                 f_va = self._extract(pl_module, x_va, fn)
-            # gather every rank's rows (sum-reduce into place); labels travel as float64
-            f_tr = gather_rows(f_tr.to(pl_module.device), reduce)
-            f_va = gather_rows(f_va.to(pl_module.device), reduce)
+            # every rank's rows, in selection order; labels travel as float64
+            f_tr, f_va = (_gather_features(f.to(pl_module.device), reduce) for f in (f_tr, f_va))
             y_tr = gather_rows(y_tr.double().to(pl_module.device), reduce).long()
             y_va = gather_rows(y_va.double().to(pl_module.device), reduce).long()
             num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
@@ -260,8 +258,22 @@ class LinearProbeCallback(Callback):
         state["_cache"] = {}  # extracted examples: a cache, rebuilt on demand
         return state
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def _gather_features(f: Tensor, reduce: Reduce) -> Tensor:
+    """Every rank's feature rows; a rank with no rows (fewer rows than processes) learns the
+    feature width from the others."""
+    has_rows = float(f.shape[0] > 0)
+    width = reduce(
+        torch.tensor([f.shape[1] * has_rows, has_rows], dtype=torch.float64, device=f.device)
+    )
+    if not has_rows:
+        f = f.new_zeros(0, round((width[0] / width[1]).item()))
+    return gather_rows(f, reduce)

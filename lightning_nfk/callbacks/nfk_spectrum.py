@@ -8,78 +8,42 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_nfk.kernel import (
+    DEFAULT_MEMORY_BUDGET,
     LowRankNFK,
+    NFKConfig,
+    Strategy,
+    check_int,
     components_for,
     cumulative_explained_variance,
     effective_rank,
+    gather_rows,
     stable_rank,
     subspace_drift,
 )
-from lightning_nfk.kernel.linalg import gather_rows
-from lightning_nfk.kernel.low_rank_nfk import check_hyperparameters
 from lightning_nfk.models.protocol import nfk_energy_of
-
-
-def probe_dataset(trainer: pl.Trainer, split: str) -> Any:
-    """The un-augmented dataset of ``split``: the data module's ``dataset(split)`` when it
-    has one (lightning_nfk data modules), else the trainer's loader's dataset."""
-    dm = trainer.datamodule
-    if dm is not None and callable(getattr(dm, "dataset", None)):
-        return dm.dataset(split)
-    loader = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0]
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None:
-        raise RuntimeError(
-            f"Cannot find the {split!r} dataset: use a LightningDataModule with a `dataset(split)` "
-            "method or a DataLoader over a map-style dataset."
-        )
-    return dataset
-
-
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-
-
-def check_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Refuse strategies that shard the parameters: the NFK needs every rank to hold theta."""
-    name = type(trainer.strategy).__name__
-    if name in _SHARDED_STRATEGIES:
-        raise ValueError(
-            f"{who} does not support {name}: it shards the parameters, and the NFK needs the full "
-            "parameter vector on every rank. Use a data-parallel strategy (ddp, ddp_spawn) or "
-            "one device."
-        )
-
-
-def strategy_sum(trainer: pl.Trainer) -> Callable[[Tensor], Tensor]:
-    """The engine's ``reduce``: a sum over processes through the trainer's strategy."""
-    strategy, world = trainer.strategy, trainer.world_size
-
-    def reduce(t: Tensor) -> Tensor:
-        return strategy.reduce(t, reduce_op="sum") if world > 1 else t
-
-    return reduce
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous, unpadded shard of ``n`` rows for ``rank`` (sizes differ by at most one)."""
-    return rank * n // world_size, (rank + 1) * n // world_size
-
-
-def rng_devices(module: torch.nn.Module) -> list[int]:
-    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+from lightning_nfk.trainer_utils import (
+    check_items,
+    check_strategy,
+    local_shard,
+    reference_dataset,
+    resolved_log_dir,
+    rng_devices,
+    seeded_subset,
+    stack_items,
+    strategy_sum,
+)
 
 
 class NFKSpectrumCallback(Callback):
@@ -124,11 +88,17 @@ class NFKSpectrumCallback(Callback):
             under 10% of a Fashion-MNIST LeNet-5 epoch on 2 CPU cores (BENCHMARKS.md).
         probe_split: ``"train"`` or ``"val"``.
         every_n_epochs: fit after every n-th training epoch.
-        damping, strategy, dtype, memory_budget: passed to :class:`LowRankNFK`.
+        damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
+            fit, with ``k``, ``oversample``, ``n_iter`` and ``seed``.
         seed: seed of the probe draw and of the random sketch.
         plot: write the spectrum plots.
 
+    Raises:
+        TypeError, ValueError: invalid arguments (at construction), or a probe set smaller
+            than ``k + oversample`` or unreadable dataset items (at ``setup``).
+
     Attributes:
+        config: the :class:`NFKConfig` of every fit.
         nfk: the last fitted :class:`LowRankNFK` (None before the first fit), for other
             callbacks such as :class:`LinearProbeCallback`.
         history: one dict per fit (epoch, metrics, cumulative explained variance).
@@ -143,29 +113,15 @@ class NFKSpectrumCallback(Callback):
         probe_split: Literal["train", "val"] = "train",
         every_n_epochs: int = 1,
         damping: float = 1e-8,
-        strategy: str = "auto",
+        strategy: Strategy = "auto",
         dtype: torch.dtype | None = None,
-        memory_budget: int = 2**30,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        chunk_size: int | None = None,
         seed: int = 0,
         plot: bool = True,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("k", k, 1),
-            ("oversample", oversample, 0),
-            ("n_iter", n_iter, 0),
-            ("probe_size", probe_size, 1),
-            ("every_n_epochs", every_n_epochs, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-        if k + oversample > probe_size:
-            raise ValueError(
-                f"`k` + `oversample` ({k} + {oversample}) must not exceed `probe_size` ({probe_size})."
-            )
-        if probe_split not in ("train", "val"):
-            raise ValueError(f"`probe_split` must be 'train' or 'val', got {probe_split!r}.")
-        check_hyperparameters(
+        self.config = NFKConfig(
             k=k,
             oversample=oversample,
             n_iter=n_iter,
@@ -174,12 +130,18 @@ class NFKSpectrumCallback(Callback):
             dtype=dtype,
             seed=seed,
             memory_budget=memory_budget,
+            chunk_size=chunk_size,
         )
-        self.k, self.oversample, self.n_iter = k, oversample, n_iter
+        check_int("probe_size", probe_size, 1)
+        check_int("every_n_epochs", every_n_epochs, 1)
+        if self.config.columns > probe_size:
+            raise ValueError(
+                f"`k` + `oversample` ({k} + {oversample}) must not exceed `probe_size` ({probe_size})."
+            )
+        if probe_split not in ("train", "val"):
+            raise ValueError(f"`probe_split` must be 'train' or 'val', got {probe_split!r}.")
         self.probe_size, self.probe_split = probe_size, probe_split
-        self.every_n_epochs = every_n_epochs
-        self.damping, self.strategy, self.dtype = damping, strategy, dtype
-        self.memory_budget, self.seed, self.plot = memory_budget, seed, plot
+        self.every_n_epochs, self.plot = every_n_epochs, plot
         self.nfk: LowRankNFK | None = None
         self.history: list[dict[str, Any]] = []
         self.probe_indices: Tensor | None = None
@@ -189,36 +151,51 @@ class NFKSpectrumCallback(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            k=self.k, probe_size=self.probe_size, probe_split=self.probe_split
+            k=self.config.k, probe_size=self.probe_size, probe_split=self.probe_split
         )
 
     # -- Lightning hooks ------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         nfk_energy_of(pl_module)  # refuse a module without the protocol before training
         check_strategy(trainer, type(self).__name__)
+        if stage == "fit" and trainer.datamodule is not None:
+            self._check_probe_set(trainer)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.datamodule is None:  # loaders passed to fit() exist only now
+            self._check_probe_set(trainer)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         self._run_fit(trainer, pl_module)
 
     # -- work -----------------------------------------------------------------------------------
+    def _check_probe_set(self, trainer: pl.Trainer) -> None:
+        dataset = reference_dataset(trainer, self.probe_split)
+        where = f"{self.probe_split} dataset (NFKSpectrumCallback's probe set)"
+        check_items(dataset, labels=False, where=where)
+        size = min(self.probe_size, len(dataset))
+        if self.config.columns > size:
+            raise ValueError(
+                f"`k` + `oversample` ({self.config.k} + {self.config.oversample}) must not exceed "
+                f"the probe set: min(`probe_size`, len({self.probe_split} dataset)) = {size}."
+            )
+
     def _local_probe(self, trainer: pl.Trainer, device: torch.device) -> Tensor:
         if self._probe_x is None:
-            dataset = probe_dataset(trainer, self.probe_split)
+            dataset = reference_dataset(trainer, self.probe_split)
             if self.probe_indices is None:
-                n = len(dataset)
-                if self.probe_size > n:
+                if self.probe_size > len(dataset):
                     rank_zero_warn(
-                        f"`probe_size` ({self.probe_size}) exceeds the {self.probe_split} set ({n}); using all."
+                        f"`probe_size` ({self.probe_size}) exceeds the {self.probe_split} set "
+                        f"({len(dataset)}); using all."
                     )
-                g = torch.Generator().manual_seed(self.seed)
-                self.probe_indices = torch.randperm(n, generator=g)[: self.probe_size].sort().values
-            lo, hi = shard_bounds(len(self.probe_indices), trainer.global_rank, trainer.world_size)
-            items = [dataset[int(i)] for i in self.probe_indices[lo:hi]]
-            self._probe_x = torch.stack(
-                [it[0] if isinstance(it, (tuple, list)) else it for it in items]
-            )
+                self.probe_indices = seeded_subset(len(dataset), self.probe_size, self.config.seed)
+            self._probe_x, _ = stack_items(dataset, local_shard(trainer, self.probe_indices)[0])
         return self._probe_x.to(device)
 
     def _run_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -226,18 +203,7 @@ class NFKSpectrumCallback(Callback):
         with torch.random.fork_rng(devices=rng_devices(pl_module)):
             x = self._local_probe(trainer, pl_module.device)
             start = time.perf_counter()
-            nfk = LowRankNFK(
-                nfk_energy_of(pl_module),
-                k=self.k,
-                oversample=self.oversample,
-                n_iter=self.n_iter,
-                damping=self.damping,
-                strategy=self.strategy,
-                dtype=self.dtype,
-                seed=self.seed,
-                memory_budget=self.memory_budget,
-                reduce=reduce,
-            )
+            nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
             with self._progress(trainer, x.shape[0]) as update:
                 nfk.fit(x, progress=update)
                 # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
@@ -272,7 +238,8 @@ class NFKSpectrumCallback(Callback):
             }
         )
         if self.plot:
-            self._plot(trainer)
+            # log_dir broadcasts under DDP: resolved on every rank, used on rank zero only
+            self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
 
     @contextlib.contextmanager
     def _progress(self, trainer: pl.Trainer, n_local: int):
@@ -281,14 +248,14 @@ class NFKSpectrumCallback(Callback):
             return
         from tqdm.auto import tqdm
 
-        total = n_local * (self.n_iter + 2)
+        total = n_local * (self.config.n_iter + 2)
         with tqdm(
             total=total, desc="NFK spectrum", unit="ex", leave=False, dynamic_ncols=True
         ) as bar:
             yield bar.update
 
     @rank_zero_only
-    def _plot(self, trainer: pl.Trainer) -> None:
+    def _plot(self, trainer: pl.Trainer, out: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -315,11 +282,10 @@ class NFKSpectrumCallback(Callback):
         ax.legend(loc="lower right")
         ax.set_title("NFK spectrum on the probe set")
         fig.tight_layout()
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "nfk_spectrum"
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(out / f"epoch={trainer.current_epoch:03d}.png", dpi=100)
         for logger in trainer.loggers:
-            if type(logger).__name__ == "TensorBoardLogger":
+            if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("nfk/spectrum", fig, global_step=trainer.global_step)
         plt.close(fig)
 
@@ -331,6 +297,7 @@ class NFKSpectrumCallback(Callback):
         state["nfk"], state["_probe_x"] = None, None
         return state
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": self.history,
@@ -338,6 +305,7 @@ class NFKSpectrumCallback(Callback):
             "previous_phi": self._previous_phi,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.probe_indices = state_dict.get("probe_indices")

@@ -4,7 +4,8 @@ Energies (what defines the kernel), the Fisher-vector operator, randomized SVD,
 :class:`LowRankNFK` and the exact reference :func:`exact_nfk`.
 """
 
-from lightning_nfk.kernel.distributed import all_reduce_sum
+from lightning_nfk.kernel.config import DEFAULT_MEMORY_BUDGET, NFKConfig, Strategy, check_int
+from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies import (
     ClassifierEnergy,
     Energy,
@@ -13,8 +14,15 @@ from lightning_nfk.kernel.energies import (
     VAEEnergy,
 )
 from lightning_nfk.kernel.exact import ExactNFK, exact_nfk
-from lightning_nfk.kernel.fisher_vectors import FisherVectors, NonFiniteGradientError
-from lightning_nfk.kernel.low_rank_nfk import LowRankNFK, kernel_mode
+from lightning_nfk.kernel.fisher_vectors import (
+    FisherVectors,
+    NonFiniteGradientError,
+    kernel_mode,
+    prepare_fisher_vectors,
+    working_energy,
+)
+from lightning_nfk.kernel.linalg import gather_rows
+from lightning_nfk.kernel.low_rank_nfk import LowRankNFK, NFKFit
 from lightning_nfk.kernel.metrics import (
     components_for,
     cumulative_explained_variance,
@@ -26,24 +34,33 @@ from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import RitzPairs, subspace_iteration
 
 __all__ = [
+    "DEFAULT_MEMORY_BUDGET",
     "ClassifierEnergy",
     "Energy",
     "ExactNFK",
     "FisherVectors",
     "GANEnergy",
     "LowRankNFK",
+    "NFKConfig",
+    "NFKFit",
     "NTKEnergy",
     "NonFiniteGradientError",
+    "Reduce",
     "RitzPairs",
     "ScoreJacobian",
+    "Strategy",
     "VAEEnergy",
     "all_reduce_sum",
+    "check_int",
     "components_for",
     "cumulative_explained_variance",
     "effective_rank",
     "exact_nfk",
+    "gather_rows",
     "kernel_mode",
+    "prepare_fisher_vectors",
     "stable_rank",
     "subspace_drift",
     "subspace_iteration",
+    "working_energy",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
 Data = Tensor | Iterable[Any]
 
@@ -59,5 +59,51 @@ def iter_chunks(
     """Input chunks of at most ``max_rows`` rows, on ``device``; floating inputs cast to ``dtype``."""
     batches = data.split(max_rows) if isinstance(data, Tensor) else map(first_tensor, data)
     for x in batches:
-        x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        # inputs are data: a generator output that still requires grad is detached
+        x = x.detach().to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         yield from x.split(max_rows)
+
+
+def has_fixed_order(data: Data) -> bool:
+    """Whether every pass yields the rows in the same order (a tensor, a loader without a
+    random sampler, or any other iterable, which is taken at its word)."""
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return True
+    sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+    return isinstance(sampler, SequentialSampler) or getattr(sampler, "shuffle", None) is False
+
+
+def check_same_examples(data: Data, reads: int = 4) -> None:
+    """Refuse data that changes between passes (random augmentation): the first ``reads``
+    items of a loader's map-style dataset, or the first batch of another iterable, read twice.
+
+    Raises:
+        ValueError: naming what differed and the cure.
+    """
+    if isinstance(data, Tensor):
+        return
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
+        n = len(data.dataset)  # type: ignore[arg-type]
+        pairs = [
+            (first_tensor(data.dataset[i]), first_tensor(data.dataset[i]))
+            for i in range(min(reads, n))
+        ]
+        where = f"dataset[i] for i < {min(reads, n)}"
+    elif iter(data) is data:
+        return  # a one-shot iterator: cannot be read twice without consuming it
+    else:
+        a, b = next(iter(data), None), next(iter(data), None)
+        pairs = [] if a is None or b is None else [(first_tensor(a), first_tensor(b))]
+        where = "the first batch"
+    for a, b in pairs:
+        same = a.shape == b.shape and (
+            torch.equal(a, b)
+            or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+        )
+        if not same:
+            raise ValueError(
+                f"`data` does not yield the same examples on every pass: {where} differed "
+                "between two reads (random augmentation?). The NFK is defined on fixed fitting "
+                "examples and its fit makes several passes: fit on an un-augmented copy of the "
+                "data (e.g. a data module's `dataset(split)` or `augment=False`)."
+            )

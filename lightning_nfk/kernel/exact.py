@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 
 from lightning_nfk.kernel._data import Data
+from lightning_nfk.kernel.config import DEFAULT_MEMORY_BUDGET, NFKConfig
+from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
+from lightning_nfk.kernel.fisher_vectors import kernel_mode, prepare_fisher_vectors, working_energy
 from lightning_nfk.kernel.linalg import gather_rows, gram_eigh, other_singular_vectors
-from lightning_nfk.kernel.low_rank_nfk import DEFAULT_MEMORY_BUDGET, LowRankNFK, kernel_mode
 
 
 class ExactNFK:
@@ -91,17 +93,18 @@ def exact_nfk(
     damping: float = 1e-8,
     dtype: torch.dtype | None = None,
     memory_budget: int = 4 * DEFAULT_MEMORY_BUDGET,
+    reduce: Reduce = all_reduce_sum,
 ) -> ExactNFK:
     """The paper's Algorithm 1: the exact NFK of ``data``, forming V and the Gram matrix.
 
-    Same energies, statistics, validation and sharding as :class:`LowRankNFK` (under
+    Same energies, statistics, checks and sharding as :class:`LowRankNFK` (under
     ``torch.distributed`` every process gets the full result).
 
     Raises:
         ValueError: when V and its Gram matrix need more than ``memory_budget`` bytes.
     """
-    nfk = LowRankNFK(
-        energy,
+    # k = 1, oversample = 0: the checks ask for at least one example and one parameter
+    config = NFKConfig(
         k=1,
         oversample=0,
         damping=damping,
@@ -109,9 +112,9 @@ def exact_nfk(
         dtype=dtype,
         memory_budget=memory_budget,
     )
-    working = nfk._working_energy()
+    working = working_energy(energy, config.dtype)
     with kernel_mode(working):
-        op, _ = nfk._prepare(data, working)
-        v = gather_rows(op.materialize(data), nfk.reduce)
+        op, _ = prepare_fisher_vectors(working, data, config, reduce)
+        v = gather_rows(op.materialize(data), reduce)
     sigma, vecs = gram_eigh(v)
-    return ExactNFK(v, sigma, vecs, op.mean_score, op.fisher_diagonal)
+    return ExactNFK(v, sigma, vecs, op.statistics.mean_score, op.statistics.fisher_diagonal)

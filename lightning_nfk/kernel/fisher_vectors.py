@@ -1,6 +1,6 @@
 """The Fisher-vector operator :math:`V` (N x P) of an energy over the fitting data.
 
-DESIGN.md section 2: with :math:`g_x = \\nabla_\\theta s_\\theta(x)`,
+docs/design.md, sections 1 and 3: with :math:`g_x = \\nabla_\\theta s_\\theta(x)`,
 
 .. math::
 
@@ -12,27 +12,119 @@ computes :math:`V^\\top (V Z)` either from per-example gradient blocks (``blocke
 GEMMs per block, whatever ``l`` is) or from JVP/VJP products batched over the ``l`` columns
 (``matrix_free``: the paper's way). Sums over the data are reduced across processes once
 per pass; each process only ever sees its own rows.
+
+:func:`prepare_fisher_vectors` is the one preparation pipeline (working energy, checks of
+the energy and the data, strategy, statistics) shared by the randomized and exact paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_nfk.kernel._data import Data, iter_chunks
-from lightning_nfk.kernel.distributed import Reduce
+from lightning_nfk.kernel._data import (
+    Data,
+    check_data,
+    check_same_examples,
+    count_examples,
+    first_tensor,
+    iter_chunks,
+)
+from lightning_nfk.kernel.config import NFKConfig
+from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.per_example import ScoreJacobian
 
+Progress = Callable[[int], None]
+_MAX_BLOCK_ROWS = 1024
+_MAX_MATRIX_FREE_ROWS = 128
+_DENSE_EXAMPLES_PER_PASS = 256
+
 
 class NonFiniteGradientError(FloatingPointError):
-    """Raised when some examples have non-finite per-example gradients."""
+    """Raised when some examples have non-finite scores or per-example gradients."""
+
+
+def raise_if_nonfinite(bad: float, total: float, what: str) -> None:
+    """The one message for non-finite scores or gradients: how many of how many."""
+    if bad > 0:
+        raise NonFiniteGradientError(
+            f"{int(bad)} of {int(total)} {what} have non-finite scores or per-example "
+            "gradients of the energy; the Fisher kernel is undefined for them. Check the "
+            "inputs and the model's numerics (e.g. log of 0, overflow)."
+        )
+
+
+def nonfinite_rows(t: Tensor) -> Tensor:
+    """Number of rows of ``t`` (B, m) with a non-finite entry (0-dim tensor)."""
+    return (~torch.isfinite(t).all(dim=1)).sum()
+
+
+@contextlib.contextmanager
+def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
+    """Eval mode, gradients enabled, inference mode off, global RNG untouched; all restored.
+
+    ``owners`` are energies (their kernel module and auxiliary modules) or plain modules.
+    """
+    modules: list[nn.Module] = []
+    for owner in owners:
+        if isinstance(owner, Energy):
+            modules += [owner.module, *owner.auxiliary_modules()]
+        else:
+            modules.append(owner)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    devices = sorted(
+        {p.device.index or 0 for r in modules for p in r.parameters() if p.device.type == "cuda"}
+    )
+    try:
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):
+            for root in modules:
+                root.eval()
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def working_energy(energy: Energy, dtype: torch.dtype | None) -> Energy:
+    """``energy`` in the compute dtype: ``dtype``, or the model's (float32 for half precision)."""
+    current = next(p for p in energy.module.parameters() if p.requires_grad).dtype
+    if dtype is None and current in (torch.float16, torch.bfloat16):
+        dtype = torch.float32  # half-precision Fisher vectors overflow; QR is not accurate
+    return energy if dtype is None or dtype == current else energy.to(dtype)
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Mean score, diagonal Fisher and, where the sums give it, :math:`\\|V\\|_F^2`."""
+
+    mean_score: Tensor | None  # z, (P,), working dtype
+    fisher_diagonal: Tensor | None  # I, (P,), float64
+    sum_of_squares: float | None = None  # ||V||_F^2 of the fitting data
+
+
+class PassResult(NamedTuple):
+    """One pass over the data: :math:`V^\\top (V Z)` summed over processes, :math:`\\|V\\|_F^2`
+    when asked for and the rows were formed, and this process's rows :math:`V Z`."""
+
+    product: Tensor
+    sum_of_squares: float | None
+    rows: Tensor
 
 
 class FisherVectors:
     """Matrix-free Fisher vectors of an energy (statistics, products, rows).
+
+    Built by :func:`prepare_fisher_vectors`, which also fits the statistics.
 
     Args:
         jacobian: the energy's :class:`ScoreJacobian` (parameter snapshot).
@@ -65,106 +157,120 @@ class FisherVectors:
         self.rank, self.world_size = rank, world_size
         self.dtype, self.device = jacobian.dtype, jacobian.device
         self.num_parameters = jacobian.num_parameters
-        self.mean_score: Tensor | None = None  # z, (P,), working dtype
-        self.fisher_diagonal: Tensor | None = None  # I, (P,), float64
+        self.statistics = Statistics(None, None)
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
-        self.data_sum_of_squares: float | None = None  # ||V||_F^2 when the sums allow it
-        self.progress: Callable[[int], None] | None = None  # called with each chunk's size
-        self.last_rows: Tensor | None = None  # V Z of the last pass with keep_rows
+
+    @property
+    def mean_score(self) -> Tensor | None:
+        return self.statistics.mean_score
 
     # -- data ------------------------------------------------------------------------------
-    def chunks(self, data: Data) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
+    def chunks(
+        self, data: Data, progress: Progress | None = None
+    ) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
         """(x, extras) chunks of the data, with the energy's per-example extras."""
         for x in iter_chunks(data, self.max_rows, self.device, self.dtype):
             yield x, self.energy.extras(x)
-            if self.progress is not None:
-                self.progress(x.shape[0])
+            if progress is not None:
+                progress(x.shape[0])
 
     def _sample_chunks(self) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
         batches = self.energy.sample_batches(
             rank=self.rank, world_size=self.world_size, device=self.device, dtype=self.dtype
         )
         for batch in batches:
-            for x in batch.to(self.dtype).split(self.max_rows):
+            for x in batch.detach().to(self.dtype).split(self.max_rows):
                 yield x, self.energy.extras(x)
 
-    def _raise_if_bad(self, bad: Tensor, total: float, what: str) -> None:
-        if bad.item() > 0:
-            raise NonFiniteGradientError(
-                f"{int(bad.item())} of {int(total)} {what} have non-finite per-example "
-                "gradients of the energy; the Fisher kernel is undefined for them. Check the "
-                "inputs and the model's numerics (e.g. log of 0, overflow)."
-            )
+    def _column_sums(self, blocks: list[Tensor], out: Tensor) -> Tensor:
+        """Adds the column sums of g and g * g (float64) into ``out`` (2, P); returns the
+        float64 row sums of g (non-finite where a row is)."""
+        row_sums = out.new_zeros(blocks[0].shape[0])
+        for sl, block in zip(self.jacobian.slices, blocks):
+            g = block.to(torch.float64)
+            row_sums += g.sum(dim=1)
+            out[0, sl] += g.sum(dim=0)
+            out[1, sl] += g.square_().sum(dim=0)
+        return row_sums
+
+    def _centred_sum_of_squares(self, sums: Tensor, n: float, z: Tensor, s: Tensor) -> Tensor:
+        """(P,) :math:`\\sum_x (g_x - z)^2 s^2` from column sums (float64)."""
+        return (sums[1] - 2 * z * sums[0] + n * z * z) * s * s
 
     # -- statistics ----------------------------------------------------------------------------
-    def fit_statistics(self, data: Data) -> None:
-        """Mean score, diagonal Fisher and (where the sums allow) :math:`\\|V\\|_F^2`.
+    def fit_statistics(self, data: Data, progress: Progress | None = None) -> Statistics:
+        """Mean score, diagonal Fisher and (where the sums allow) :math:`\\|V\\|_F^2`; the
+        operator keeps them for its products.
 
         One pass per distinct source (fitting data, model samples). Sums of :math:`g` and
         :math:`g \\odot g` are accumulated in float64 and reduced once per source, so the
         result does not depend on batching or on the number of processes.
+
+        Raises:
+            NonFiniteGradientError: some examples have non-finite gradients.
+            ValueError: no model samples, or fitting examples whose centred score gradients
+                are all zero (identical examples: the kernel is zero).
         """
         energy = self.energy
         sources = [s for s in dict.fromkeys((energy.centring, energy.fisher)) if s is not None]
         p = self.num_parameters
-        sums: dict[str, tuple[Tensor, Tensor, float]] = {}
+        sums: dict[str, tuple[Tensor, float]] = {}
         for source in sources:
-            chunks = self.chunks(data) if source == "data" else self._sample_chunks()
-            acc = torch.zeros(2 * p + 2, dtype=torch.float64, device=self.device)
+            chunks = self.chunks(data, progress) if source == "data" else self._sample_chunks()
+            acc = torch.zeros(2, p + 1, dtype=torch.float64, device=self.device)
             for x, extras in chunks:
-                row_sums = torch.zeros(x.shape[0], dtype=torch.float64, device=self.device)
-                for sl, block in zip(
-                    self.jacobian.slices, self.jacobian.gradient_blocks(x, extras)
-                ):
-                    g = block.to(torch.float64)
-                    row_sums += g.sum(dim=1)
-                    acc[sl] += g.sum(dim=0)
-                    acc[p + sl.start : p + sl.stop] += g.square_().sum(dim=0)
-                # a non-finite entry spoils its row's sum
-                acc[-1] += (~torch.isfinite(row_sums)).sum()
-                acc[-2] += x.shape[0]
+                row_sums = self._column_sums(self.jacobian.gradient_blocks(x, extras), acc)
+                acc[0, -1] += nonfinite_rows(row_sums[:, None])
+                acc[1, -1] += x.shape[0]
             acc = self.reduce(acc)
-            count = acc[-2].item()
+            count = acc[1, -1].item()
             what = "fitting examples" if source == "data" else "model samples"
-            self._raise_if_bad(acc[-1], count, what)
+            raise_if_nonfinite(acc[0, -1].item(), count, what)
             if count == 0:
                 raise ValueError(f"{type(energy).__name__} produced no {what} for its statistics.")
-            sums[source] = (acc[:p], acc[p : 2 * p], count)
+            sums[source] = (acc[:, :p], count)
 
         z = torch.zeros(p, dtype=torch.float64, device=self.device)
         if energy.centring is not None:
-            s1, _, n = sums[energy.centring]
-            z = s1 / n
-            self.mean_score = z.to(self.dtype)
-        scale64 = torch.ones_like(z)
+            s, n = sums[energy.centring]
+            z = s[0] / n
+        scale64, fisher = torch.ones_like(z), None
         if energy.fisher is not None:
-            s1, s2, n = sums[energy.fisher]
-            fisher = ((s2 - 2 * z * s1) / n + z * z).clamp_min_(0.0)
-            self.fisher_diagonal = fisher
+            s, n = sums[energy.fisher]
+            fisher = (self._centred_sum_of_squares(s, n, z, scale64) / n).clamp_min_(0.0)
             scale64 = (fisher + self.damping).rsqrt()
-            self.scale = scale64.to(self.dtype)
+        total = None
         if "data" in sums:
-            s1, s2, n = sums["data"]
-            centred = s2 - 2 * z * s1 + n * z * z  # sum_x U_x^2
-            self.data_sum_of_squares = (centred * scale64 * scale64).sum().item()
+            s, n = sums["data"]
+            spread = self._centred_sum_of_squares(s, n, z, torch.ones_like(z)).sum()
+            eps = torch.finfo(self.dtype).eps
+            if energy.centring == "data" and spread <= (16 * eps) ** 2 * s[1].sum():
+                raise ValueError(
+                    f"The {int(n)} fitting examples have the same score gradient (up to "
+                    "round-off), so every centred Fisher vector is zero and the kernel is zero: "
+                    "fit on distinct examples (identical copies of one input?)."
+                )
+            total = self._centred_sum_of_squares(s, n, z, scale64).sum().item()
+        return self.load_statistics(
+            None if energy.centring is None else z.to(self.dtype), fisher, total
+        )
 
-    def load_statistics(self, mean_score: Tensor | None, fisher_diagonal: Tensor | None) -> None:
-        self.mean_score = None if mean_score is None else mean_score.to(self.device, self.dtype)
-        self.fisher_diagonal = fisher_diagonal
+    def load_statistics(
+        self,
+        mean_score: Tensor | None,
+        fisher_diagonal: Tensor | None,
+        sum_of_squares: float | None = None,
+    ) -> Statistics:
+        """Set the statistics (fitted or restored from a saved state)."""
+        if mean_score is not None:
+            mean_score = mean_score.to(self.device, self.dtype)
+        self.statistics = Statistics(mean_score, fisher_diagonal, sum_of_squares)
         if fisher_diagonal is not None:
             f = fisher_diagonal.to(self.device, torch.float64)
             self.scale = (f + self.damping).rsqrt().to(self.dtype)
+        return self.statistics
 
     # -- products ------------------------------------------------------------------------------
-    def rows(self, x: Tensor, extras: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        """Fisher vectors :math:`V_b` (B x P) of a chunk, and the count of non-finite rows."""
-        v = self.jacobian.gradients(x, extras)
-        if self.mean_score is not None:
-            v.sub_(self.mean_score)
-        if self.scale is not None:
-            v.mul_(self.scale)
-        return v, (~torch.isfinite(v.sum(dim=1))).sum()
-
     # V Z = G (s * Z) - 1 (z . (s * Z)) and V^T Y = s * (G^T Y - z (1^T Y)): centring and
     # scaling are folded into the (P x l) operands once per pass instead of touching every
     # B x P gradient block (about 7% of a LeNet-5 pass).
@@ -179,7 +285,7 @@ class FisherVectors:
 
     def _matmat_folded(
         self, x: Tensor, extras: tuple[Tensor, ...], t: Tensor, c: Tensor | None
-    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+    ) -> tuple[Tensor, list[Tensor] | None]:
         """V_b Z from the folded operands; the raw gradient blocks when they were formed."""
         if self.matrix_free:
             y, blocks = self.jacobian.jvp(x, extras, t), None
@@ -188,10 +294,8 @@ class FisherVectors:
             y = t.new_zeros(x.shape[0], t.shape[1])
             for sl, block in zip(self.jacobian.slices, blocks):
                 y.addmm_(block, t[sl])
-        if c is not None:
-            y = y - c[None, :]
         # Z has no zero entries almost surely, so a non-finite V row gives a non-finite Y row.
-        return y, (~torch.isfinite(y).all(dim=1)).sum(), blocks
+        return (y if c is None else y - c[None, :]), blocks
 
     def _rmatmat_raw(
         self,
@@ -208,91 +312,196 @@ class FisherVectors:
             for sl, block in zip(self.jacobian.slices, blocks):
                 out[sl].addmm_(block.T, y)
 
-    def matmat(self, data: Data, z: Tensor, what: str = "inputs") -> Tensor:
+    def matmat(self, data: Data, z: Tensor, progress: Progress | None = None) -> Tensor:
         """:math:`V Z` for this process's rows, (n_local, l); no collective.
 
         Raises:
-            NonFiniteGradientError: naming how many of the ``what`` have non-finite gradients.
+            NonFiniteGradientError: naming how many inputs have non-finite gradients.
         """
         t, c = self._fold(z)
-        parts, bad, count = [], 0, 0
-        for x, extras in self.chunks(data):
-            y, b, _ = self._matmat_folded(x, extras, t, c)
-            parts.append(y)
-            bad += int(b.item())
-            count += x.shape[0]
-        self._raise_if_bad(torch.tensor(bad), count, what)
-        return torch.cat(parts) if parts else z.new_zeros(0, z.shape[1])
+        parts = [self._matmat_folded(x, e, t, c)[0] for x, e in self.chunks(data, progress)]
+        out = torch.cat(parts) if parts else z.new_zeros(0, z.shape[1])
+        raise_if_nonfinite(nonfinite_rows(out).item(), out.shape[0], "inputs")
+        return out
 
     def rmatmat(self, data: Data, y: Tensor) -> Tensor:
         """:math:`V^\\top Y` (P, l) for ``y`` (n_local, l) aligned with this process's rows,
         summed over processes."""
-        out = y.new_zeros(self.num_parameters, y.shape[1])
-        start = 0
+        out, start = y.new_zeros(self.num_parameters, y.shape[1]), 0
         for x, extras in self.chunks(data):
-            yb = y[start : start + x.shape[0]]
-            start += x.shape[0]
             blocks = None if self.matrix_free else self.jacobian.gradient_blocks(x, extras)
-            self._rmatmat_raw(x, extras, yb, blocks, out)
+            self._rmatmat_raw(x, extras, y[start : start + x.shape[0]], blocks, out)
+            start += x.shape[0]
         if start != y.shape[0]:
             raise ValueError(f"`y` has {y.shape[0]} rows; the data has {start} examples.")
         return self.reduce(self._unfold(out, y.sum(dim=0)))
 
     def normal_matmat(
-        self, data: Data, z: Tensor, *, frobenius: bool = False, keep_rows: bool = False
-    ) -> tuple[Tensor, float | None]:
-        """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, and, when
-        ``frobenius`` and the rows are formed (not ``matrix_free``), :math:`\\|V\\|_F^2`.
-        With ``keep_rows``, this process's :math:`V Z` (n_local x l) is left in ``last_rows``."""
+        self, data: Data, z: Tensor, *, frobenius: bool = False, progress: Progress | None = None
+    ) -> PassResult:
+        """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, this process's rows
+        :math:`V Z`, and, when ``frobenius`` and the rows are formed (not ``matrix_free``),
+        :math:`\\|V\\|_F^2`."""
         t, c = self._fold(z)
         m = torch.zeros_like(z)
-        y_sum = z.new_zeros(z.shape[1])
         p = self.num_parameters
         frobenius = frobenius and not self.matrix_free
-        cols = torch.zeros(2, p, dtype=torch.float64, device=self.device) if frobenius else None
+        cols = torch.zeros(2, p, dtype=torch.float64, device=self.device)
         rows: list[Tensor] = []
-        tail = torch.zeros(2, dtype=torch.float64, device=self.device)  # bad, count
-        for x, extras in self.chunks(data):
-            y, bad, blocks = self._matmat_folded(x, extras, t, c)
+        for x, extras in self.chunks(data, progress):
+            y, blocks = self._matmat_folded(x, extras, t, c)
             self._rmatmat_raw(x, extras, y, blocks, m)
-            y_sum += y.sum(dim=0)
-            if cols is not None and blocks is not None:  # column sums of g and g^2
-                for sl, block in zip(self.jacobian.slices, blocks):
-                    g = block.to(torch.float64)
-                    cols[0, sl] += g.sum(dim=0)
-                    cols[1, sl] += g.square_().sum(dim=0)
-            tail[0] += bad
-            tail[1] += x.shape[0]
-            if keep_rows:
-                rows.append(y)
-        m = self.reduce(self._unfold(m, y_sum))
-        tail = self.reduce(tail)
-        self._raise_if_bad(tail[0], tail[1].item(), "fitting examples")
-        if keep_rows:
-            self.last_rows = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
-        if cols is None:
-            return m, None
+            if frobenius and blocks is not None:
+                self._column_sums(blocks, cols)
+            rows.append(y)
+        y_all = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
+        tail = torch.stack([nonfinite_rows(y_all), torch.tensor(y_all.shape[0])]).double()
+        m = self.reduce(self._unfold(m, y_all.sum(dim=0)))
+        tail = self.reduce(tail.to(self.device))
+        raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
+        if not frobenius:
+            return PassResult(m, None, y_all)
         cols = self.reduce(cols)
-        z64 = (
-            torch.zeros(p, dtype=torch.float64, device=self.device)
-            if self.mean_score is None
-            else self.mean_score.double()
-        )
+        z64 = torch.zeros(p, dtype=torch.float64, device=self.device)
+        if self.mean_score is not None:
+            z64 = self.mean_score.double()
         s64 = torch.ones_like(z64) if self.scale is None else self.scale.double()
-        centred = cols[1] - 2 * z64 * cols[0] + tail[1] * z64 * z64  # sum_x (g_x - z)^2
-        return m, (centred * s64 * s64).sum().item()
+        total = self._centred_sum_of_squares(cols, tail[1].item(), z64, s64).sum().item()
+        return PassResult(m, total, y_all)
 
-    def materialize(self, data: Data) -> Tensor:
+    def materialize(self, data: Data, progress: Progress | None = None) -> Tensor:
         """This process's rows of :math:`V` (n_local x P)."""
-        parts, bad, count = [], torch.zeros((), device=self.device), 0
-        for x, extras in self.chunks(data):
-            v, b = self.rows(x, extras)
-            parts.append(v)
-            bad += b
-            count += x.shape[0]
-        tail = torch.tensor([bad.item(), count], dtype=torch.float64, device=self.device)
-        tail = self.reduce(tail)
-        self._raise_if_bad(tail[0], tail[1].item(), "fitting examples")
-        if not parts:
-            return torch.zeros(0, self.num_parameters, dtype=self.dtype, device=self.device)
-        return torch.cat(parts)
+        parts = []
+        for x, extras in self.chunks(data, progress):
+            v = self.jacobian.gradients(x, extras)
+            if self.mean_score is not None:
+                v.sub_(self.mean_score)
+            parts.append(v if self.scale is None else v.mul_(self.scale))
+        v = torch.cat(parts) if parts else torch.zeros(0, self.num_parameters, dtype=self.dtype)
+        v = v.to(self.device)
+        tail = torch.tensor([float(nonfinite_rows(v)), v.shape[0]], dtype=torch.float64)
+        tail = self.reduce(tail.to(self.device))
+        raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
+        return v
+
+
+def _check_energy(jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:
+    """On up to 4 examples: one scalar per example, deterministic, each example's score
+    independent of the rest of its batch (no batch statistics)."""
+    for batch in data.split(4) if isinstance(data, Tensor) else data:
+        x = first_tensor(batch)[:4]
+        if x.shape[0] == 0:
+            continue
+        x, extras = next(op.chunks(x))
+        name = type(jac.energy).__name__
+        out = jac.scores(x, extras)
+        if out.shape != (x.shape[0],):
+            raise ValueError(
+                f"{name}.score must return one scalar per example, shape ({x.shape[0]},) for a "
+                f"batch of {x.shape[0]}; got shape {tuple(out.shape)}."
+            )
+        again = jac.scores(x, extras)
+        if not torch.equal(out.nan_to_num(0.5), again.nan_to_num(0.5)):  # NaN: a later error
+            raise ValueError(
+                f"{name}.score is not deterministic: two evaluations of the same examples "
+                "differ. The NFK needs a fixed function of the parameters (stochastic layers "
+                "must be off in eval mode; random noise must be frozen per example, see "
+                "Energy.extras)."
+            )
+        alone = torch.cat(
+            [jac.scores(x[i : i + 1], tuple(e[i : i + 1] for e in extras)) for i in range(len(x))]
+        )
+        tol = torch.finfo(out.dtype).eps ** 0.5  # batched vs single kernels differ by ~eps
+        finite = out.isfinite() & alone.isfinite()
+        scale = out[finite].abs().max() if finite.any() else 0.0
+        if not torch.allclose(out[finite], alone[finite], rtol=tol, atol=tol * float(scale)):
+            raise ValueError(
+                f"{name}.score of an example depends on the other examples of its batch "
+                f"(scores of {len(x)} examples batched and one by one differ, "
+                f"max {float((out - alone)[finite].abs().max()):.3g}): a layer uses batch "
+                "statistics in eval mode (BatchNorm with track_running_stats=False?). The NFK "
+                "needs a per-example score: use running statistics or GroupNorm/LayerNorm."
+            )
+        return
+
+
+def prepare_fisher_vectors(
+    energy: Energy,
+    data: Data,
+    config: NFKConfig,
+    reduce: Reduce,
+    progress: Progress | None = None,
+) -> tuple[FisherVectors, int]:
+    """Check the data and the energy, resolve the strategy, build the operator and fit its
+    statistics; call inside :func:`kernel_mode` with the :func:`working_energy`.
+
+    Returns:
+        The operator and N, the number of fitting examples over all processes.
+
+    Raises:
+        ValueError, TypeError: empty or changing data, ``k + oversample > min(N, P)``, a
+            dense problem over the memory budget, an energy that is not one deterministic
+            per-example scalar; all before any pass over the data.
+    """
+    check_data(data)
+    jac = ScoreJacobian(energy)
+    n_local = count_examples(data)
+    count = reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=jac.device))
+    n, p = int(count.item()), jac.num_parameters
+    if n == 0:
+        raise ValueError("`data` is empty: the NFK needs at least one fitting example.")
+    if config.columns > min(n, p):
+        raise ValueError(
+            f"`k` + `oversample` ({config.k} + {config.oversample} = {config.columns}) must not "
+            f"exceed min(number of examples, number of parameters) = min({n}, {p}). Lower `k` "
+            "or `oversample`, or fit on more examples."
+        )
+    strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize)
+    op = operator(jac, config, strategy, reduce)
+    if n_local > 0:
+        check_same_examples(data)
+        _check_energy(jac, op, data)
+    op.fit_statistics(data, progress)
+    return op, n
+
+
+def operator(jac: ScoreJacobian, config: NFKConfig, strategy: str, reduce: Reduce) -> FisherVectors:
+    """The :class:`FisherVectors` of ``jac`` with chunks sized by ``config``."""
+    rank, world = rank_and_world_size()
+    row_bytes = 4 * jac.num_parameters * jac.dtype.itemsize
+    max_rows = config.chunk_size or max(1, min(config.memory_budget // row_bytes, _MAX_BLOCK_ROWS))
+    if strategy == "matrix_free" and config.chunk_size is None:
+        max_rows = min(max_rows, _MAX_MATRIX_FREE_ROWS)
+    return FisherVectors(
+        jac,
+        damping=config.damping,
+        strategy=strategy,
+        max_rows=max_rows,
+        reduce=reduce,
+        rank=rank,
+        world_size=world,
+    )
+
+
+def dense_bytes(n: int, p: int, itemsize: int) -> int:
+    """Memory of :math:`V` (N x P) and its float64 Gram matrix."""
+    return n * p * itemsize + min(n, p) ** 2 * 8
+
+
+def _resolve_strategy(config: NFKConfig, n: int, p: int, itemsize: int) -> str:
+    need = dense_bytes(n, p, itemsize)
+    fits = need <= config.memory_budget
+    if config.strategy == "dense" and not fits:
+        raise ValueError(
+            f"strategy='dense' needs V ({n} x {p}) and its Gram matrix in memory: "
+            f"{need / 2**20:.0f} MiB, more than `memory_budget` "
+            f"({config.memory_budget / 2**20:.0f} MiB). Use strategy='blocked' (or 'auto'), or "
+            "raise `memory_budget`."
+        )
+    if config.strategy != "auto":
+        return config.strategy
+    # Alg. 1 costs one gradient pass plus a min(N, P)^2 max(N, P) Gram; the randomized fit
+    # n_iter + 2 gradient passes. Measured crossover on LeNet-5: about 400 (n_iter + 1)
+    # examples; 256 (n_iter + 1) keeps a margin.
+    cheap = min(n, p) <= _DENSE_EXAMPLES_PER_PASS * (config.n_iter + 1)
+    return "dense" if fits and cheap else "blocked"

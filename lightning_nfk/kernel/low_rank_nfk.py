@@ -8,72 +8,40 @@ SVD), computed by randomized subspace iteration (Halko et al. 2011, see
 
 from __future__ import annotations
 
-import contextlib
-import math
+import dataclasses
 import os
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+import pickle
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_nfk.kernel._data import Data, check_data, count_examples, first_tensor
-from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum, rank_and_world_size
+from lightning_nfk.kernel._data import Data, check_data, has_fixed_order
+from lightning_nfk.kernel.config import NFKConfig
+from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
-from lightning_nfk.kernel.fisher_vectors import FisherVectors
+from lightning_nfk.kernel.fisher_vectors import (
+    FisherVectors,
+    PassResult,
+    Progress,
+    kernel_mode,
+    operator,
+    prepare_fisher_vectors,
+    working_energy,
+)
 from lightning_nfk.kernel.linalg import exact_decomposition, gather_rows
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import subspace_iteration
 
-Strategy = Literal["auto", "dense", "blocked", "matrix_free"]
-STRATEGIES = ("auto", "dense", "blocked", "matrix_free")
-DEFAULT_MEMORY_BUDGET = 2**30
-_MAX_BLOCK_ROWS = 1024
-_MAX_MATRIX_FREE_ROWS = 128
-_DENSE_EXAMPLES_PER_PASS = 256
-_STATE_VERSION = 1
-
-
-@contextlib.contextmanager
-def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
-    """Eval mode, gradients enabled, inference mode off, global RNG untouched; all restored.
-
-    ``owners`` are energies (their kernel module and auxiliary modules) or plain modules.
-    """
-    modules: list[nn.Module] = []
-    for owner in owners:
-        if isinstance(owner, Energy):
-            modules += [owner.module, *owner.auxiliary_modules()]
-        else:
-            modules.append(owner)
-    flags = [(m, m.training) for root in modules for m in root.modules()]
-    devices = sorted(
-        {
-            p.device.index or 0
-            for root in modules
-            for p in root.parameters()
-            if p.device.type == "cuda"
-        }
-    )
-    try:
-        with (
-            torch.random.fork_rng(devices=devices),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-        ):
-            for root in modules:
-                root.eval()
-            yield
-    finally:
-        for m, training in flags:
-            m.training = training
+_STATE_VERSION = 2
 
 
 class LowRankNFK:
     """Rank-``k`` approximation of a model's Neural Fisher Kernel, and its embeddings.
 
     ``fit`` computes the truncated SVD :math:`V \\approx \\Phi\\,\\mathrm{diag}(\\sigma)P^\\top`
-    of the N x P Fisher-vector matrix of the fitting data (DESIGN.md section 2) without
+    of the N x P Fisher-vector matrix of the fitting data (docs/design.md, section 1) without
     forming :math:`V` or the Gram matrix :math:`K = V V^\\top`; ``transform`` gives the
     embedding :math:`e(x) = V_x P` of any input (on the fitting data,
     :math:`e(X) = \\Phi\\,\\mathrm{diag}(\\sigma)`).
@@ -106,21 +74,16 @@ class LowRankNFK:
 
     Args:
         energy: the :class:`~lightning_nfk.kernel.Energy` defining the kernel.
-        k: number of components kept.
-        oversample: extra columns of the random sketch (``l = k + oversample``); raise it
-            first when the spectrum has a small gap.
-        n_iter: power iterations, >= 0 (``n_iter + 1`` passes over the data).
-        damping: absolute damping of the diagonal Fisher, >= 0.
-        strategy: ``"auto"``, ``"dense"``, ``"blocked"`` or ``"matrix_free"``.
-        dtype: working dtype; ``torch.float64`` runs everything in float64 on a copy of the
-            model; ``None`` follows the model (float32 for a float16/bfloat16 model).
-        seed: seed of the random test matrix (same on every process).
-        memory_budget: bytes allowed for a gradient block or the dense :math:`V`.
+        config: the :class:`NFKConfig` (k, oversample, n_iter, damping, strategy, dtype,
+            seed, memory_budget, chunk_size).
         reduce: sum over processes; default: ``torch.distributed.all_reduce`` when
             initialised, else the identity.
+        **options: :class:`NFKConfig` fields, the short form (``LowRankNFK(energy, k=16)``);
+            with ``config`` they override its fields.
 
     Raises:
-        TypeError, ValueError: for invalid arguments, naming the argument and the value.
+        TypeError, ValueError: for invalid arguments, naming the argument and the value
+            (``TypeError`` for a wrong type, ``ValueError`` for a value out of range).
 
     Example:
         >>> import torch
@@ -137,61 +100,47 @@ class LowRankNFK:
     def __init__(
         self,
         energy: Energy,
-        k: int = 16,
-        oversample: int = 10,
-        n_iter: int = 10,
-        damping: float = 1e-8,
-        strategy: Strategy = "auto",
-        dtype: torch.dtype | None = None,
-        seed: int = 0,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        config: NFKConfig | None = None,
+        *,
         reduce: Reduce | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(energy, Energy):
             raise TypeError(
                 f"`energy` must be an lightning_nfk.kernel.Energy, got {type(energy).__name__}; "
                 "wrap your model, e.g. ClassifierEnergy(model)."
             )
-        check_hyperparameters(
-            k=k,
-            oversample=oversample,
-            n_iter=n_iter,
-            damping=damping,
-            strategy=strategy,
-            dtype=dtype,
-            seed=seed,
-            memory_budget=memory_budget,
-        )
+        if config is not None and not isinstance(config, NFKConfig):
+            raise TypeError(f"`config` must be an NFKConfig or None, got {type(config).__name__}.")
+        unknown = set(options) - {f.name for f in dataclasses.fields(NFKConfig)}
+        if unknown:
+            raise TypeError(f"Unknown LowRankNFK option(s) {sorted(unknown)}; see NFKConfig.")
+        self.config = dataclasses.replace(config or NFKConfig(), **options)
         if reduce is not None and not callable(reduce):
             raise TypeError(f"`reduce` must be callable or None, got {type(reduce).__name__}.")
         self.energy = energy
-        self.k = k
-        self.oversample = oversample
-        self.n_iter = n_iter
-        self.damping = float(damping)
-        self.strategy = strategy
-        self.dtype = dtype
-        self.seed = seed
-        self.memory_budget = memory_budget
         self.reduce: Reduce = reduce if reduce is not None else all_reduce_sum
         self._op: FisherVectors | None = None
-        self._result: dict[str, Any] | None = None
+        self._fit: NFKFit | None = None
         self._fit_embedding: Tensor | None = None
+        self._fixed_order = True
 
     # -- public results ----------------------------------------------------------------------
     @property
     def is_fitted(self) -> bool:
-        return self._result is not None
+        return self._fit is not None
 
-    def _get(self, key: str) -> Any:
-        if self._result is None:
+    @property
+    def result(self) -> NFKFit:
+        """The fit's :class:`NFKFit` (spectrum, components, statistics)."""
+        if self._fit is None:
             raise RuntimeError("This LowRankNFK is not fitted yet: call `fit(data)` first.")
-        return self._result[key]
+        return self._fit
 
     @property
     def singular_values(self) -> Tensor:
         """(k,) singular values :math:`\\sigma_i` of :math:`V`, descending."""
-        return self._get("singular_values")
+        return self.result.singular_values
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -206,13 +155,13 @@ class LowRankNFK:
     @property
     def total_variance(self) -> Tensor:
         """:math:`\\|V\\|_F^2 = \\operatorname{tr} K` (0-dim float64 tensor)."""
-        return self._get("total_variance")
+        return self.result.total_variance
 
     @property
     def total_variance_is_exact(self) -> bool:
         """False when :math:`\\|V\\|_F^2` is Hutchinson's estimate from the random sketch
         (``matrix_free`` with an energy whose statistics do not cover the fitting data)."""
-        return self._get("total_variance_is_exact")
+        return self.result.total_variance_is_exact
 
     @property
     def explained_variance_ratio(self) -> Tensor:
@@ -222,122 +171,69 @@ class LowRankNFK:
     @property
     def components(self) -> Tensor:
         """(P, k) right singular vectors :math:`P` (orthonormal columns)."""
-        return self._get("components")
+        return self.result.components
 
     @property
     def residuals(self) -> Tensor:
         """(k,) relative residuals :math:`\\|V^\\top V p_i - \\sigma_i^2 p_i\\| / \\sigma_i^2`;
         a computable bound on each eigenvalue's relative error (zeros for ``dense``)."""
-        return self._get("residuals")
+        return self.result.residuals
 
     @property
     def fit_embedding(self) -> Tensor | None:
         """(n_local, k) embeddings :math:`e(x) = V_x P` of this process's fitting examples,
-        in the order ``fit`` saw them, taken from the last pass at no extra cost
+        in dataset order, taken from the last pass at no extra cost
         (:math:`\\Phi\\,\\mathrm{diag}(\\sigma)` up to signs). None for ``n_iter = 0`` and
-        after ``load``; ``transform`` gives the same for any inputs, at one more pass."""
-        self._get("singular_values")
+        after ``load``; ``transform`` gives the same for any inputs, at one more pass.
+
+        Raises:
+            RuntimeError: when ``fit`` read a loader with a random sampler (``shuffle=True``):
+                its rows came in an order that cannot be recovered.
+        """
+        self.result  # noqa: B018  (raises when not fitted)
+        if not self._fixed_order:
+            raise RuntimeError(
+                "`fit_embedding` is not available: `fit` read a DataLoader with a random "
+                "sampler, so its rows came in an order that cannot be recovered. Use "
+                "`transform(data)` on the examples you want, or fit on a loader with "
+                "shuffle=False (the spectrum does not depend on the order)."
+            )
         return self._fit_embedding
 
     @property
     def num_examples(self) -> int:
         """N, the number of fitting examples over all processes."""
-        return self._get("num_examples")
+        return self.result.num_examples
 
     @property
     def num_parameters(self) -> int:
         """P = |theta|."""
-        return self._get("num_parameters")
+        return self.result.num_parameters
 
     @property
     def strategy_used(self) -> str:
         """The strategy ``fit`` ran (``auto`` resolved)."""
-        return self._get("strategy")
+        return self.result.strategy
 
     @property
     def mean_score(self) -> Tensor | None:
         """(P,) mean score :math:`z`, or None when the energy does not centre."""
-        return self._get("mean_score")
+        return self.result.mean_score
 
     @property
     def fisher_diagonal(self) -> Tensor | None:
         """(P,) diagonal Fisher :math:`I` (float64), or None when the energy does not normalise."""
-        return self._get("fisher_diagonal")
+        return self.result.fisher_diagonal
 
     # -- fitting -----------------------------------------------------------------------------
-    def _working_energy(self) -> Energy:
-        current = next(p for p in self.energy.module.parameters() if p.requires_grad).dtype
-        dtype = self.dtype
-        if dtype is None and current in (torch.float16, torch.bfloat16):
-            dtype = torch.float32  # half-precision Fisher vectors and QR are not accurate enough
-        return self.energy if dtype is None or dtype == current else self.energy.to(dtype)
-
-    def _operator(self, jac: ScoreJacobian, strategy: str) -> FisherVectors:
-        rank, world = rank_and_world_size()
-        row_bytes = 4 * jac.num_parameters * jac.dtype.itemsize
-        max_rows = max(1, min(self.memory_budget // row_bytes, _MAX_BLOCK_ROWS))
-        if strategy == "matrix_free":
-            max_rows = min(max_rows, _MAX_MATRIX_FREE_ROWS)
-        return FisherVectors(
-            jac,
-            damping=self.damping,
-            strategy=strategy,
-            max_rows=max_rows,
-            reduce=self.reduce,
-            rank=rank,
-            world_size=world,
-        )
-
-    def _dense_bytes(self, n: int, p: int, itemsize: int) -> int:
-        return n * p * itemsize + min(n, p) ** 2 * 8
-
-    def _resolve_strategy(self, n: int, p: int, itemsize: int) -> str:
-        fits = self._dense_bytes(n, p, itemsize) <= self.memory_budget
-        if self.strategy == "dense" and not fits:
-            raise ValueError(
-                f"strategy='dense' needs V ({n} x {p}) and its Gram matrix in memory: "
-                f"{self._dense_bytes(n, p, itemsize) / 2**20:.0f} MiB, more than `memory_budget` "
-                f"({self.memory_budget / 2**20:.0f} MiB). Use strategy='blocked' (or 'auto'), or "
-                "raise `memory_budget`."
-            )
-        if self.strategy != "auto":
-            return self.strategy
-        # Alg. 1 costs one gradient pass plus a min(N, P)^2 max(N, P) Gram; the randomized fit
-        # n_iter + 2 gradient passes. Measured crossover on LeNet-5 (BENCHMARKS.md): about
-        # 400 (n_iter + 1) examples; 256 (n_iter + 1) keeps a margin.
-        cheap = min(n, p) <= _DENSE_EXAMPLES_PER_PASS * (self.n_iter + 1)
-        return "dense" if fits and cheap else "blocked"
-
-    def _check_energy(self, jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:
-        """One small forward: one scalar per example, deterministic (no dropout etc.)."""
-        for batch in data.split(2) if isinstance(data, Tensor) else data:
-            x = first_tensor(batch)[:2]
-            if x.shape[0] == 0:
-                continue
-            x, extras = next(op.chunks(x))
-            out = jac.scores(x, extras)
-            if out.shape != (x.shape[0],):
-                raise ValueError(
-                    f"{type(jac.energy).__name__}.score must return one scalar per example, shape "
-                    f"({x.shape[0]},) for a batch of {x.shape[0]}; got shape {tuple(out.shape)}."
-                )
-            again = jac.scores(x, extras)
-            if not torch.equal(out, again):
-                raise ValueError(
-                    f"{type(jac.energy).__name__}.score is not deterministic: two evaluations of "
-                    "the same examples differ. The NFK needs a fixed function of the parameters "
-                    "(stochastic layers must be off in eval mode; random noise must be frozen "
-                    "per example, see Energy.extras)."
-                )
-            return
-
-    def fit(self, data: Data, progress: Callable[[int], None] | None = None) -> LowRankNFK:
+    def fit(self, data: Data, progress: Progress | None = None) -> LowRankNFK:
         """Fit the rank-``k`` NFK on ``data`` (this process's shard of the fitting set).
 
         Args:
             data: a tensor of inputs ``(n, ...)``, or an iterable (e.g. a ``DataLoader``)
                 of batches ``x`` or ``(x, ...)``. It must yield the same examples on every
-                pass (no random augmentation; shuffling is fine).
+                pass: random augmentation is refused. Shuffling does not change the
+                spectrum, but then ``fit_embedding`` is not available.
             progress: called with the number of examples of each chunk processed, in every
                 pass over ``data`` (at most ``n_iter + 2`` passes), e.g. ``bar.update``.
 
@@ -345,108 +241,77 @@ class LowRankNFK:
             self.
 
         Raises:
-            ValueError: empty data, ``k + oversample > min(N, P)``, a dense problem over
-                ``memory_budget``, an energy that does not return one scalar per example
-                or is not deterministic; all before any pass over the data.
-            NonFiniteGradientError: when some per-example gradients are not finite.
+            ValueError: empty or augmented data, ``k + oversample > min(N, P)``, a dense
+                problem over ``memory_budget``, an energy that does not return one
+                deterministic scalar per example, identical examples (a zero kernel); all
+                before any pass over the data.
+            NonFiniteGradientError: when some scores or per-example gradients are not finite.
         """
-        energy = self._working_energy()
+        energy = working_energy(self.energy, self.config.dtype)
         with kernel_mode(energy):
-            op, n = self._prepare(data, energy, progress)
-            if op.strategy == "dense":
-                result = self._fit_dense(op, data)
-            else:
-                result = self._fit_randomized(op, data)
-        op.progress = None
+            op, n = prepare_fisher_vectors(energy, data, self.config, self.reduce, progress)
+            fit = self._fit_dense if op.strategy == "dense" else self._fit_randomized
+            sigma, components, residuals, total, exact = fit(op, data, progress)
+        if not total > 0:
+            raise ValueError(
+                "The Fisher vectors of the fitting data are all zero (||V||_F = 0): the kernel "
+                "is zero. Does the energy depend on the kernel module's parameters?"
+            )
         self._op = op
-        self._result = {
-            **result,
-            "num_examples": n,
-            "num_parameters": op.num_parameters,
-            "strategy": op.strategy,
-            "mean_score": op.mean_score,
-            "fisher_diagonal": op.fisher_diagonal,
-        }
+        self._fixed_order = has_fixed_order(data)
+        self._fit = NFKFit(
+            singular_values=sigma,
+            components=components,
+            residuals=residuals,
+            total_variance=torch.tensor(total, dtype=torch.float64),
+            total_variance_is_exact=exact,
+            num_examples=n,
+            num_parameters=op.num_parameters,
+            strategy=op.strategy,
+            mean_score=op.statistics.mean_score,
+            fisher_diagonal=op.statistics.fisher_diagonal,
+        )
         return self
 
-    def _prepare(
-        self, data: Data, energy: Energy, progress: Callable[[int], None] | None = None
-    ) -> tuple[FisherVectors, int]:
-        """Validate, resolve the strategy, build the operator and fit its statistics."""
-        check_data(data)
-        jac = ScoreJacobian(energy)
-        n_local = count_examples(data)
-        count = self.reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=jac.device))
-        n, p = int(count.item()), jac.num_parameters
-        if n == 0:
-            raise ValueError("`data` is empty: the NFK needs at least one fitting example.")
-        l = self.k + self.oversample
-        if l > min(n, p):
-            raise ValueError(
-                f"`k` + `oversample` ({self.k} + {self.oversample} = {l}) must not exceed "
-                f"min(number of examples, number of parameters) = min({n}, {p}). Lower `k` "
-                "or `oversample`, or fit on more examples."
-            )
-        strategy = self._resolve_strategy(n, p, jac.dtype.itemsize)
-        op = self._operator(jac, strategy)
-        if n_local > 0:
-            self._check_energy(jac, op, data)
-        op.progress = progress
-        op.fit_statistics(data)
-        return op, n
-
-    def _fit_dense(self, op: FisherVectors, data: Data) -> dict[str, Any]:
-        local = op.materialize(data)
+    def _fit_dense(self, op: FisherVectors, data: Data, progress: Progress | None):
+        local = op.materialize(data, progress)
         v = gather_rows(local, self.reduce)
-        sigma, right, _ = exact_decomposition(v, self.k)
+        sigma, right, _ = exact_decomposition(v, self.config.k)
         self._fit_embedding = local @ right
-        total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square()
-        return {
-            "singular_values": sigma.to(op.dtype),
-            "components": right,
-            "residuals": torch.zeros(self.k, dtype=torch.float64),
-            "total_variance": total.cpu(),
-            "total_variance_is_exact": True,
-        }
+        total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square().item()
+        residuals = torch.zeros(self.config.k, dtype=torch.float64)
+        return sigma.to(op.dtype), right, residuals, total, True
 
-    def _fit_randomized(self, op: FisherVectors, data: Data) -> dict[str, Any]:
-        # ||V||_F^2 from the first pass, unless the statistics already gave it exactly.
-        first_pass_sumsq: list[float | None] = []
+    def _fit_randomized(self, op: FisherVectors, data: Data, progress: Progress | None):
+        passes: list[PassResult] = []
 
         def normal_matmat(z: Tensor) -> Tensor:
-            want = not first_pass_sumsq and op.data_sum_of_squares is None
-            m, sumsq = op.normal_matmat(data, z, frobenius=want, keep_rows=True)
-            first_pass_sumsq.append(sumsq)
-            return m
+            # ||V||_F^2 from the first pass, unless the statistics already gave it exactly
+            want = not passes and op.statistics.sum_of_squares is None
+            passes.append(op.normal_matmat(data, z, frobenius=want, progress=progress))
+            return passes[-1].product
 
         ritz = subspace_iteration(
             normal_matmat,
             op.num_parameters,
-            self.k,
-            oversample=self.oversample,
-            n_iter=self.n_iter,
-            generator=torch.Generator().manual_seed(self.seed),
+            self.config.k,
+            oversample=self.config.oversample,
+            n_iter=self.config.n_iter,
+            generator=torch.Generator().manual_seed(self.config.seed),
             dtype=op.dtype,
             device=op.device,
         )
-        if op.data_sum_of_squares is not None:
-            total, exact = op.data_sum_of_squares, True
-        elif first_pass_sumsq[0] is not None:
-            total, exact = first_pass_sumsq[0], True
-        else:
+        total, exact = op.statistics.sum_of_squares, True
+        if total is None:
+            total = passes[0].sum_of_squares
+        if total is None:
             total, exact = ritz.trace_estimate.item(), False
-        embedding = None
-        if ritz.coefficients is not None and op.last_rows is not None:
-            embedding = op.last_rows @ ritz.coefficients.to(op.last_rows.dtype)
-        op.last_rows = None
-        self._fit_embedding = embedding
-        return {
-            "singular_values": ritz.eigenvalues.sqrt().to(op.dtype).cpu(),
-            "components": ritz.vectors,
-            "residuals": ritz.residuals.cpu(),
-            "total_variance": torch.tensor(total, dtype=torch.float64),
-            "total_variance_is_exact": exact,
-        }
+        rows = passes[-1].rows
+        self._fit_embedding = (
+            None if ritz.coefficients is None else rows @ ritz.coefficients.to(rows.dtype)
+        )
+        sigma = ritz.eigenvalues.sqrt().to(op.dtype).cpu()
+        return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact
 
     # -- embeddings ---------------------------------------------------------------------------
     def transform(self, data: Data) -> Tensor:
@@ -467,45 +332,36 @@ class LowRankNFK:
 
     # -- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to embed again: hyper-parameters, parameter snapshot, statistics,
-        spectrum and components (tensors and Python scalars only: ``weights_only``-loadable)."""
+        """Everything needed to embed again: the energy's class, the config, the parameter
+        snapshot, statistics, spectrum and components (tensors and Python scalars only:
+        ``weights_only``-loadable)."""
         op = self._fitted_operator()
-        r = self._result
-        assert r is not None
         return {
             "version": _STATE_VERSION,
-            "hparams": {
-                "k": self.k,
-                "oversample": self.oversample,
-                "n_iter": self.n_iter,
-                "damping": self.damping,
-                "strategy": self.strategy,
-                "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
-                "seed": self.seed,
-                "memory_budget": self.memory_budget,
-            },
+            "energy": type(self.energy).__name__,
+            "config": self.config.as_dict(),
             "theta": dict(op.jacobian.theta),
             "constants": dict(op.jacobian.constants),
-            "result": {key: r[key] for key in _RESULT_KEYS},
+            "result": dataclasses.asdict(self.result),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a fitted state (from :meth:`state_dict`) onto this object's energy."""
-        result = state["result"]
-        energy = self._working_energy()
-        jac = ScoreJacobian(energy)
-        theta, constants = state["theta"], state["constants"]
-        if list(theta) != jac.names or set(constants) != set(jac.constants):
-            raise ValueError(
-                "The saved parameter names do not match the energy's module: the state was "
-                f"saved for parameters {list(theta)[:4]}..., the module has {jac.names[:4]}...."
-            )
-        jac.theta = {name: t.to(jac.device) for name, t in theta.items()}
-        jac.constants = {name: t.to(jac.device) for name, t in constants.items()}
-        op = self._operator(jac, result["strategy"])
-        op.load_statistics(result["mean_score"], result["fisher_diagonal"])
-        self._op = op
-        self._result = dict(result)
+        """Restore a fitted state (from :meth:`state_dict`) onto this object's energy.
+
+        Raises:
+            ValueError: a state of another energy class, or parameters whose names, shapes
+                or dtypes differ from the energy's module.
+        """
+        _check_state(state, self.energy)
+        jac = ScoreJacobian(working_energy(self.energy, self.config.dtype))
+        _check_tensors("parameters", state["theta"], jac.theta)
+        _check_tensors("buffers and frozen parameters", state["constants"], jac.constants)
+        jac.theta = {name: t.to(jac.device) for name, t in state["theta"].items()}
+        jac.constants = {name: t.to(jac.device) for name, t in state["constants"].items()}
+        fit = NFKFit(**state["result"])
+        op = operator(jac, self.config, fit.strategy, self.reduce)
+        op.load_statistics(fit.mean_score, fit.fisher_diagonal)
+        self._op, self._fit, self._fit_embedding = op, fit, None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save :meth:`state_dict` with ``torch.save``."""
@@ -515,68 +371,71 @@ class LowRankNFK:
     def load(
         cls, path: str | os.PathLike[str], energy: Energy, map_location: Any = None
     ) -> LowRankNFK:
-        """Load a saved NFK for ``energy`` (same architecture), with ``weights_only=True``."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = dict(state["hparams"])
-        dtype = hparams.pop("dtype")
-        nfk = cls(energy, dtype=None if dtype is None else getattr(torch, dtype), **hparams)
+        """Load a saved NFK for ``energy`` (same energy class and architecture), with
+        ``weights_only=True``.
+
+        Raises:
+            ValueError: an empty or foreign file (not a saved LowRankNFK), another energy
+                class, or parameters that differ in name, shape or dtype.
+        """
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a file saved by LowRankNFK.save: {e!r}"
+            ) from e
+        _check_state(state, energy, path)
+        nfk = cls(energy, NFKConfig.from_dict(state["config"]))
         nfk.load_state_dict(state)
         return nfk
 
     def __repr__(self) -> str:
         fitted = f", N={self.num_examples}, P={self.num_parameters}" if self.is_fitted else ""
-        return (
-            f"LowRankNFK({self.energy!r}, k={self.k}, oversample={self.oversample}, "
-            f"n_iter={self.n_iter}, strategy={self.strategy!r}{fitted})"
+        return f"LowRankNFK({self.energy!r}, {self.config}{fitted})"
+
+
+@dataclass(frozen=True)
+class NFKFit:
+    """What :meth:`LowRankNFK.fit` computed (see the properties of :class:`LowRankNFK`)."""
+
+    singular_values: Tensor
+    components: Tensor
+    residuals: Tensor
+    total_variance: Tensor
+    total_variance_is_exact: bool
+    num_examples: int
+    num_parameters: int
+    strategy: str
+    mean_score: Tensor | None
+    fisher_diagonal: Tensor | None
+
+
+def _check_state(state: object, energy: Energy, path: object = "the state") -> None:
+    keys = {"version", "energy", "config", "theta", "constants", "result"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{path} is not a saved LowRankNFK (expected keys {sorted(keys)}, found {found}); "
+            "a model's state_dict is loaded with module.load_state_dict, not LowRankNFK.load."
+        )
+    if state["energy"] != type(energy).__name__:
+        raise ValueError(
+            f"{path} was saved for a {state['energy']}, not a {type(energy).__name__}: its "
+            "centring and Fisher would not be this energy's."
         )
 
 
-_RESULT_KEYS = (
-    "singular_values",
-    "components",
-    "residuals",
-    "total_variance",
-    "total_variance_is_exact",
-    "num_examples",
-    "num_parameters",
-    "strategy",
-    "mean_score",
-    "fisher_diagonal",
-)
-
-
-def check_hyperparameters(
-    *,
-    k: int,
-    oversample: int,
-    n_iter: int,
-    damping: float,
-    strategy: str,
-    dtype: torch.dtype | None,
-    seed: int,
-    memory_budget: int,
-) -> None:
-    """The argument checks of :class:`LowRankNFK`, for callers that build one later
-    (callbacks validate at construction, not at the first epoch end)."""
-    _check_int("k", k, minimum=1)
-    _check_int("oversample", oversample, minimum=0)
-    _check_int("n_iter", n_iter, minimum=0)
-    _check_int("seed", seed, minimum=None)
-    _check_int("memory_budget", memory_budget, minimum=1)
-    if (
-        isinstance(damping, bool)
-        or not isinstance(damping, (int, float))
-        or not (math.isfinite(damping) and damping >= 0)
-    ):
-        raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"`dtype` must be None or a floating torch.dtype, got {dtype!r}.")
-
-
-def _check_int(name: str, value: object, *, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+def _check_tensors(what: str, saved: dict[str, Tensor], current: dict[str, Tensor]) -> None:
+    if list(saved) != list(current):
+        raise ValueError(
+            f"The saved {what} do not match the energy's module: saved {list(saved)[:4]}..., "
+            f"the module has {list(current)[:4]}...."
+        )
+    for name, t in saved.items():
+        if t.shape != current[name].shape or t.dtype != current[name].dtype:
+            raise ValueError(
+                f"The saved {what[:-1] if what.endswith('s') else what} {name!r} has shape "
+                f"{tuple(t.shape)} and dtype {t.dtype}; the energy's module has "
+                f"{tuple(current[name].shape)} and {current[name].dtype} (another architecture "
+                "or number of classes?)."
+            )

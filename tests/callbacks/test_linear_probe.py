@@ -71,7 +71,7 @@ def test_label_budget_restricts_training_examples(tmp_path):
     dm = RandomImageDataModule(batch_size=32, num_labels=40)
     cb = LinearProbeCallback(features=_flat_pixels, max_train=1000, max_val=64)
     _fit(tmp_path, [cb], dm=dm)
-    x, y, _ = cb._split(_FakeTrainer(dm), "train")
+    x, y, _ = cb._split(_FakeTrainer(dm), "labeled")
     assert x.shape[0] == 40 and torch.bincount(y).tolist() == [4] * 10
 
 
@@ -96,11 +96,17 @@ def test_bad_layer_name_is_refused(tmp_path):
             TypeError,
             r"`features` must be 'nfk', a submodule name or a callable, got int",
         ),
-        ({"max_train": 0}, ValueError, r"`max_train` must be a positive integer, got 0"),
+        ({"max_train": 0}, ValueError, r"`max_train` must be >= 1, got 0"),
+        ({"k": 2.0}, TypeError, r"`k` must be an int, got float \(2.0\)"),
+        (
+            {"k": 8, "oversample": 10, "nfk_fit_size": 16},
+            ValueError,
+            r"`k` \+ `oversample` \(8 \+ 10\) must not exceed `nfk_fit_size` \(16\)",
+        ),
         ({"l2_grid": ()}, ValueError, r"`l2_grid` must be a non-empty sequence of numbers >= 0"),
         ({"l2_grid": (-1.0,)}, ValueError, r"`l2_grid` must be a non-empty sequence"),
     ],
-    ids=["features", "max-train", "empty-grid", "negative-l2"],
+    ids=["features", "max-train", "float-k", "fit-size", "empty-grid", "negative-l2"],
 )
 def test_invalid_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

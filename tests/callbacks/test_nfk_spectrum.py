@@ -142,7 +142,7 @@ def test_every_n_epochs(tmp_path):
 
 def test_pickle_and_checkpoint_resume(tmp_path):
     cb = NFKSpectrumCallback(**CB, plot=False)
-    assert pickle.loads(pickle.dumps(cb)).k == CB["k"]
+    assert pickle.loads(pickle.dumps(cb)).config == cb.config
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     _trainer(tmp_path, [cb, ckpt], max_epochs=1).fit(
         tiny_classifier(), RandomImageDataModule(batch_size=32)
@@ -178,14 +178,14 @@ def test_module_without_protocol_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"k": 0}, r"`k` must be an integer >= 1, got 0"),
+        ({"k": 0}, r"`k` must be >= 1, got 0"),
         (
             {"probe_size": 10, "k": 8, "oversample": 10},
             r"`k` \+ `oversample` \(8 \+ 10\) must not exceed `probe_size` \(10\)",
         ),
         ({"probe_split": "test"}, r"`probe_split` must be 'train' or 'val', got 'test'"),
         ({"strategy": "magic"}, r"`strategy` must be one of"),
-        ({"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1, got 0"),
+        ({"every_n_epochs": 0}, r"`every_n_epochs` must be >= 1, got 0"),
     ],
     ids=["k", "too-wide", "split", "strategy", "every"],
 )
@@ -195,10 +195,9 @@ def test_invalid_arguments(kwargs, match):
 
 
 def test_parameter_sharding_strategies_are_refused():
-    from lightning_nfk.callbacks.nfk_spectrum import check_strategy
+    from pytorch_lightning.strategies import FSDPStrategy
 
-    class FSDPStrategy:  # the name is what matters
-        pass
+    from lightning_nfk.trainer_utils import check_strategy
 
     class FakeTrainer:
         strategy = FSDPStrategy()
@@ -213,10 +212,16 @@ def test_parameter_sharding_strategies_are_refused():
     ("kwargs", "error", "match"),
     [
         ({"damping": -1.0}, ValueError, r"`damping` must be a finite number >= 0, got -1.0"),
-        ({"dtype": torch.int32}, TypeError, r"`dtype` must be None or a floating torch.dtype"),
+        (
+            {"dtype": torch.int32},
+            ValueError,
+            r"`dtype` must be None, torch.float32 or torch.float64",
+        ),
+        ({"dtype": torch.float16}, ValueError, r"half-precision Fisher vectors overflow"),
+        ({"k": 2.0}, TypeError, r"`k` must be an int, got float \(2.0\)"),
         ({"memory_budget": 0}, ValueError, r"`memory_budget` must be >= 1, got 0"),
     ],
-    ids=["damping", "dtype", "budget"],
+    ids=["damping", "dtype", "half", "float-k", "budget"],
 )
 def test_kernel_arguments_are_checked_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):

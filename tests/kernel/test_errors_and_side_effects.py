@@ -117,7 +117,7 @@ def test_energy_with_wrong_output_shape_is_refused():
             return module(x).sum()
 
     with pytest.raises(
-        ValueError, match=r"Summed.score must return one scalar per example, shape \(2,\)"
+        ValueError, match=r"Summed.score must return one scalar per example, shape \(4,\)"
     ):
         LowRankNFK(Summed(nn.Linear(4, 3)), k=2, oversample=2).fit(torch.randn(20, 4))
     with pytest.raises(ValueError, match=r"NTKEnergy expects a scalar output per example"):
@@ -142,8 +142,8 @@ def test_energy_with_wrong_output_shape_is_refused():
         ({"strategy": "fast"}, ValueError, r"`strategy` must be one of .*got 'fast'"),
         (
             {"dtype": torch.int64},
-            TypeError,
-            r"`dtype` must be None or a floating torch.dtype, got torch.int64",
+            ValueError,
+            r"`dtype` must be None, torch.float32 or torch.float64, got torch.int64\.",
         ),
         ({"memory_budget": 0}, ValueError, r"`memory_budget` must be >= 1, got 0"),
         ({"reduce": 3}, TypeError, r"`reduce` must be callable or None, got int"),

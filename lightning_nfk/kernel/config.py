@@ -1,0 +1,109 @@
+"""NFKConfig: the options of a low-rank NFK fit, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+Strategy = Literal["auto", "dense", "blocked", "matrix_free"]
+STRATEGIES = ("auto", "dense", "blocked", "matrix_free")
+DEFAULT_MEMORY_BUDGET = 2**30
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class NFKConfig:
+    """How a :class:`~lightning_nfk.kernel.LowRankNFK` is fitted (docs/design.md, section 2).
+
+    Validated in ``__post_init__``: a wrong type raises ``TypeError``, a value out of range
+    ``ValueError``, each naming the argument, the constraint and the value.
+
+    Args:
+        k: number of components kept, >= 1.
+        oversample: extra columns of the random sketch (``l = k + oversample``), >= 0;
+            raise it first when the spectrum has a small gap.
+        n_iter: power iterations, >= 0 (``n_iter + 1`` passes over the data).
+        damping: absolute damping of the diagonal Fisher, finite and >= 0.
+        strategy: ``"auto"``, ``"dense"``, ``"blocked"`` or ``"matrix_free"``.
+        dtype: compute dtype, ``torch.float32`` or ``torch.float64`` (a copy of the model in
+            that dtype); ``None`` follows the model (float32 for a float16/bfloat16 model:
+            half-precision Fisher vectors overflow and their QR is not accurate enough).
+        seed: seed of the random test matrix (the same on every process).
+        memory_budget: bytes allowed for a gradient block or the dense :math:`V`, >= 1.
+        chunk_size: examples per gradient block; ``None`` derives it from ``memory_budget``
+            (at most 1024, 128 for ``matrix_free``).
+    """
+
+    k: int = 16
+    oversample: int = 10
+    n_iter: int = 10
+    damping: float = 1e-8
+    strategy: Strategy = "auto"
+    dtype: torch.dtype | None = None
+    seed: int = 0
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, minimum in (
+            ("k", 1),
+            ("oversample", 0),
+            ("n_iter", 0),
+            ("seed", None),
+            ("memory_budget", 1),
+            ("chunk_size", 1),
+        ):
+            check_int(name, getattr(self, name), minimum, optional=name == "chunk_size")
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)):
+            raise TypeError(f"`damping` must be a number, got {type(d).__name__} ({d!r}).")
+        if not (math.isfinite(d) and d >= 0):
+            raise ValueError(f"`damping` must be a finite number >= 0, got {d!r}.")
+        object.__setattr__(self, "damping", float(d))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {self.strategy!r}.")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"`dtype` must be None or a torch.dtype, got {self.dtype!r}.")
+        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+            half = self.dtype in (torch.float16, torch.bfloat16)
+            raise ValueError(
+                f"`dtype` must be None, torch.float32 or torch.float64, got {self.dtype}"
+                + (
+                    ": half-precision Fisher vectors overflow (a half-precision model is fitted "
+                    "in float32 with dtype=None)."
+                    if half
+                    else "."
+                )
+            )
+
+    @property
+    def columns(self) -> int:
+        """``l = k + oversample``, the width of the random sketch."""
+        return self.k + self.oversample
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain Python values (the dtype as its name), for checkpoints."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> NFKConfig:
+        """Inverse of :meth:`as_dict`."""
+        values = dict(values)
+        dtype = values.pop("dtype", None)
+        return cls(**values, dtype=None if dtype is None else getattr(torch, str(dtype)))
+
+
+def check_int(name: str, value: object, minimum: int | None, optional: bool = False) -> None:
+    """``TypeError`` unless ``value`` is an int (or None when ``optional``), ``ValueError``
+    when below ``minimum``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
