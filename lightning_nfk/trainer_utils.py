@@ -7,12 +7,17 @@ must run on every rank before a rank-zero section (``log_dir`` is a collective u
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from lightning_nfk.kernel import Reduce
@@ -135,3 +140,37 @@ def resolved_log_dir(trainer: pl.Trainer) -> Path:
     """``trainer.log_dir`` (a collective under DDP): call it on every rank, then use the
     value in a rank-zero section."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+@contextlib.contextmanager
+def deferred_interrupts(trainer: pl.Trainer) -> Iterator[None]:
+    """Hold SIGTERM and SIGINT (Ctrl-C) during a section full of collectives, then end the
+    run on every rank at the same point.
+
+    A signal handled in the middle of the section (Lightning's SIGTERM handler broadcasts;
+    a ``KeyboardInterrupt`` leaves one rank's collective unmatched) can hang the other ranks.
+    Here a signal is only recorded; when the section ends, the ranks sum what they received
+    (one collective that every rank reaches) and all raise together: ``KeyboardInterrupt``
+    for SIGINT (Lightning's graceful shutdown, exit status 1) or Lightning's
+    ``SIGTERMException`` with exit status 143 for SIGTERM. Checkpoints of finished epochs
+    are left as they were.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: set[int] = set()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _: received.add(signum)) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    flags = torch.tensor(
+        [float(s in received) for s in signals], device=trainer.strategy.root_device
+    )
+    flags = strategy_sum(trainer)(flags)
+    if flags[0] > 0:
+        raise KeyboardInterrupt
+    if flags[1] > 0:
+        raise SIGTERMException(128 + signal.SIGTERM)

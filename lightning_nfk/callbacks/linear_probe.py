@@ -23,6 +23,7 @@ from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
     check_strategy,
+    deferred_interrupts,
     local_shard,
     reference_dataset,
     rng_devices,
@@ -147,7 +148,8 @@ class LinearProbeCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._run_probe(trainer, pl_module)
+        with deferred_interrupts(trainer):  # Ctrl-C / SIGTERM: every rank stops together
+            self._run_probe(trainer, pl_module)
 
     # -- data -----------------------------------------------------------------------------------
     def _check_splits(self, trainer: pl.Trainer) -> None:
@@ -250,7 +252,9 @@ class LinearProbeCallback(Callback):
             "probe/l2": probe.l2,
         }
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+            pl_module.log(
+                name, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
+            )
         self.history.append({"epoch": trainer.current_epoch, **metrics})
 
     def __getstate__(self) -> dict[str, Any]:

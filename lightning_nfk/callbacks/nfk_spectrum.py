@@ -36,6 +36,7 @@ from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
     check_strategy,
+    deferred_interrupts,
     local_shard,
     reference_dataset,
     resolved_log_dir,
@@ -171,7 +172,8 @@ class NFKSpectrumCallback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        self._run_fit(trainer, pl_module)
+        with deferred_interrupts(trainer):  # Ctrl-C / SIGTERM: every rank stops together
+            self._run_fit(trainer, pl_module)
 
     # -- work -----------------------------------------------------------------------------------
     def _check_probe_set(self, trainer: pl.Trainer) -> None:
@@ -227,7 +229,9 @@ class NFKSpectrumCallback(Callback):
             )
         self._previous_phi = phi.cpu()
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+            pl_module.log(
+                name, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
+            )
         self.history.append(
             {
                 "epoch": trainer.current_epoch,

@@ -10,7 +10,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 class ImageTensorDataset(Dataset):
@@ -42,6 +42,24 @@ class ImageTensorDataset(Dataset):
             if torch.rand(()) < 0.5:
                 x = x.flip(2)
         return (x - self.mean) / self.std, self.labels[i]
+
+
+class EpochSeededSampler(RandomSampler):
+    """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at
+    each epoch start, so a run resumed from a checkpoint sees the same batches as an
+    uninterrupted one (a loader's own generator would restart its stream). Under DDP,
+    Lightning replaces it by a ``DistributedSampler(shuffle=True)``, seeded the same way."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)  # type: ignore[arg-type]
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()
 
 
 def balanced_label_indices(labels: Tensor, num_labels: int, seed: int) -> Tensor:
@@ -194,12 +212,12 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         return self.dataset("labeled" if self.num_labels is not None else "train")
 
     def _loader(self, split: str, shuffle: bool, augment: bool = False) -> DataLoader:
+        dataset = self.dataset(split, augment=augment)
         return DataLoader(
-            self.dataset(split, augment=augment),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -64,7 +64,11 @@ def _small(config: dict, tmp_path: Path) -> dict:
         "init_args": {"save_dir": str(tmp_path)},
     }
     for cb in trainer["callbacks"]:
-        cb.setdefault("init_args", {}).update(SMALL_CALLBACKS[cb["class_path"].rsplit(".", 1)[1]])
+        name = cb["class_path"].rsplit(".", 1)[1]
+        if name == "ModelCheckpoint":
+            cb["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+        else:
+            cb.setdefault("init_args", {}).update(SMALL_CALLBACKS[name])
     model = config["model"]["init_args"]
     if "nfk_num_samples" in model:
         model["nfk_num_samples"] = 64
@@ -81,6 +85,9 @@ def test_recipe_parses_as_is(recipe):
     )  # parses and instantiates model, data module, trainer, callbacks
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
     assert "NFKSpectrumCallback" in names and "LinearProbeCallback" in names
+    # `--ckpt_path last` needs a fixed checkpoint folder with a last.ckpt
+    (ckpt,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"]
+    assert ckpt.save_last and ckpt.dirpath
     assert callable(cli.model.nfk_energy)
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nfk.kernel import LowRankNFK, exact_nfk
-from lightning_nfk.kernel import kernel_mode
+from lightning_nfk.kernel import LowRankNFK, exact_nfk, kernel_mode
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from tests.helpers.models import make_case, reference, reference_gradients
 
