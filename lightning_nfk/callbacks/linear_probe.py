@@ -153,8 +153,8 @@ class LinearProbeCallback(Callback):
 
     # -- data -----------------------------------------------------------------------------------
     def _check_splits(self, trainer: pl.Trainer) -> None:
-        for split in ("labeled", "val"):
-            check_items(reference_dataset(trainer, split), labels=True, where=f"{split} dataset")
+        for split, name in (("labeled", "labelled training"), ("val", "validation")):
+            check_items(reference_dataset(trainer, split), labels=True, where=f"{name} dataset")
         n_fit = min(self.nfk_fit_size, self.max_train, len(reference_dataset(trainer, "labeled")))
         if self.features == "nfk" and self.config.columns > n_fit:
             raise ValueError(

@@ -408,9 +408,16 @@ def _check_energy(jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:
                 "must be off in eval mode; random noise must be frozen per example, see "
                 "Energy.extras)."
             )
-        alone = torch.cat(
-            [jac.scores(x[i : i + 1], tuple(e[i : i + 1] for e in extras)) for i in range(len(x))]
-        )
+        try:
+            singles = [
+                jac.scores(x[i : i + 1], tuple(e[i : i + 1] for e in extras)) for i in range(len(x))
+            ]
+        except (RuntimeError, ValueError) as e:  # e.g. BatchNorm1d on one example
+            raise ValueError(
+                f"{name}.score fails on a single example ({e}); the NFK differentiates each "
+                "example's score alone, so the score must not need the rest of the batch."
+            ) from e
+        alone = torch.cat(singles)
         tol = torch.finfo(out.dtype).eps ** 0.5  # batched vs single kernels differ by ~eps
         finite = out.isfinite() & alone.isfinite()
         scale = out[finite].abs().max() if finite.any() else 0.0
