@@ -1,4 +1,7 @@
-"""Both callbacks under Lightning's DDP (2 CPU processes, gloo) log what one process logs."""
+"""Both callbacks under Lightning's DDP (2 CPU processes, gloo, in-process ``ddp_spawn``)
+log what one process logs, with uneven shards and a rank without validation rows
+(``max_val`` = 1 < 2 processes). The command-line runs users make are in
+tests/cli/test_multiprocess.py."""
 
 from __future__ import annotations
 
@@ -11,17 +14,15 @@ from pytorch_lightning.loggers import CSVLogger
 from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import tiny_classifier
+from tests.helpers.processes import child_watchdog
 
 
 def _run(tmp_path, devices: int) -> dict[str, float]:
     pl.seed_everything(0)
     callbacks = [
-        NFKSpectrumCallback(
-            k=4, oversample=6, n_iter=3, probe_size=101, plot=False
-        ),  # odd: uneven shards
-        LinearProbeCallback(
-            max_train=203, max_val=77, k=4, oversample=6, n_iter=3, nfk_fit_size=64
-        ),
+        NFKSpectrumCallback(k=4, oversample=6, n_iter=3, probe_size=101),  # odd: uneven shards
+        # max_val = 1: rank 0 has no validation row, rank 1 has the only one
+        LinearProbeCallback(max_train=203, max_val=1, k=4, oversample=6, n_iter=3, nfk_fit_size=64),
     ]
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
@@ -38,7 +39,8 @@ def _run(tmp_path, devices: int) -> dict[str, float]:
         callbacks=callbacks,
     )
     # lr = 0 and no BatchNorm: the weights are the same whatever the world size
-    trainer.fit(tiny_classifier(batch_norm=False, lr=0.0), RandomImageDataModule(batch_size=16))
+    with child_watchdog(240, f"the {devices}-process ddp_spawn run"):
+        trainer.fit(tiny_classifier(batch_norm=False, lr=0.0), RandomImageDataModule(batch_size=16))
     with open(f"{tmp_path}/logs/version_0/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     out = {}
@@ -65,4 +67,6 @@ def test_ddp_figures_equal_single_process(single_and_ddp):
     assert set(one) == set(two)
     assert {"nfk/sigma_1@1", "nfk/subspace_drift@1", "probe/acc@1", "probe/l2@1"} <= set(one)
     for key, value in one.items():
-        assert two[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        # float32 sums over 101 probe rows split 50/51: round-off well below 101 * eps32;
+        # the drift is ~0 (lr = 0: the same weights at both epochs), hence the absolute part
+        assert two[key] == pytest.approx(value, rel=2e-5, abs=1e-5), key

@@ -117,6 +117,45 @@ class Run:
         return not alive
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every descendant process of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                out += [int(child), *_descendants(int(child))]
+    return out
+
+
+@contextlib.contextmanager
+def child_watchdog(seconds: float, what: str):
+    """For multi-process tests that spawn from the test process (``mp.spawn``,
+    ``ddp_spawn``): after ``seconds``, kill every descendant process; the waiting parent
+    then gets an error, which becomes a failure naming the hang."""
+    fired = threading.Event()
+
+    def fire() -> None:
+        fired.set()
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    message = f"watchdog: {what} did not finish in {seconds:.0f} s (a hang, e.g. a collective one rank never reached); its processes were killed."
+    try:
+        yield
+    except BaseException:
+        if fired.is_set():
+            pytest.fail(message)
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        pytest.fail(message)
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> Run:
     """Run ``lightning-nfk ARGS`` to completion under the watchdog; fail on a non-zero status
     or on processes left behind."""

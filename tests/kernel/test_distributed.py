@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nfk.kernel import LowRankNFK, exact_nfk
 from tests.helpers.models import make_case
+from tests.helpers.processes import child_watchdog
 
 RUNS = [
     ("cnn", "blocked"),
@@ -69,9 +70,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True, start_method="spawn"
-    )
+    with child_watchdog(240, "the 2-process engine run"):
+        mp.start_processes(
+            _worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True, start_method="spawn"
+        )
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
