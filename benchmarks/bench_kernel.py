@@ -40,7 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_nfk.data import read_idx
-from lightning_nfk.kernel import ClassifierEnergy, GANEnergy, LowRankNFK, exact_nfk, kernel_mode
+from lightning_nfk.kernel import (
+    ClassifierEnergy,
+    GANEnergy,
+    LowRankNFK,
+    NFKConfig,
+    all_reduce_sum,
+    exact_nfk,
+    kernel_mode,
+    prepare_fisher_vectors,
+    working_energy,
+)
 from lightning_nfk.kernel.randomized_svd import orthonormalize
 from lightning_nfk.models import MLP, DCGANDiscriminator, DCGANGenerator, LeNet5, WideResNet
 
@@ -117,10 +127,10 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
 def operator(energy, strategy: str, data: torch.Tensor):
     """A Fisher-vector operator with its statistics fitted, for timing single passes (the
     sketch width is the Z passed to the pass, so k here only passes validation)."""
-    nfk = LowRankNFK(energy, k=1, oversample=0, strategy=strategy)
-    working = nfk._working_energy()
+    config = NFKConfig(k=1, oversample=0, strategy=strategy)
+    working = working_energy(energy, config.dtype)
     with kernel_mode(working):
-        op, _ = nfk._prepare(data, working)
+        op, _ = prepare_fisher_vectors(working, data, config, all_reduce_sum)
     return op, working
 
 

@@ -96,11 +96,7 @@ def check_same_examples(data: Data, reads: int = 4) -> None:
         pairs = [] if a is None or b is None else [(first_tensor(a), first_tensor(b))]
         where = "the first batch"
     for a, b in pairs:
-        same = a.shape == b.shape and (
-            torch.equal(a, b)
-            or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
-        )
-        if not same:
+        if a.shape != b.shape or not torch.equal(a.nan_to_num(), b.nan_to_num()):
             raise ValueError(
                 f"`data` does not yield the same examples on every pass: {where} differed "
                 "between two reads (random augmentation?). The NFK is defined on fixed fitting "

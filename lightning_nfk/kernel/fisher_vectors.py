@@ -122,41 +122,29 @@ class PassResult(NamedTuple):
 
 
 class FisherVectors:
-    """Matrix-free Fisher vectors of an energy (statistics, products, rows).
-
-    Built by :func:`prepare_fisher_vectors`, which also fits the statistics.
+    """Matrix-free Fisher vectors of an energy (statistics, products, rows); built and its
+    statistics fitted by :func:`prepare_fisher_vectors`.
 
     Args:
         jacobian: the energy's :class:`ScoreJacobian` (parameter snapshot).
-        damping: absolute damping added to the diagonal Fisher, >= 0.
+        config: damping and chunk size (``chunk_size``, else from ``memory_budget``).
         strategy: ``"matrix_free"`` for products by JVP/VJP, else per-example gradient
             blocks (``"blocked"``, ``"dense"``).
-        max_rows: rows per chunk (bounds the memory of a gradient block).
         reduce: sum over processes.
-        rank, world_size: this process's place (only used to share model samples).
     """
 
     def __init__(
-        self,
-        jacobian: ScoreJacobian,
-        *,
-        damping: float,
-        strategy: str,
-        max_rows: int,
-        reduce: Reduce,
-        rank: int = 0,
-        world_size: int = 1,
+        self, jacobian: ScoreJacobian, config: NFKConfig, strategy: str, reduce: Reduce
     ) -> None:
-        self.jacobian = jacobian
-        self.energy: Energy = jacobian.energy
-        self.damping = damping
-        self.strategy = strategy
+        self.jacobian, self.energy = jacobian, jacobian.energy
+        self.damping, self.strategy, self.reduce = config.damping, strategy, reduce
         self.matrix_free = strategy == "matrix_free"
-        self.max_rows = max_rows
-        self.reduce = reduce
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = rank_and_world_size()  # to share out model samples
         self.dtype, self.device = jacobian.dtype, jacobian.device
-        self.num_parameters = jacobian.num_parameters
+        self.num_parameters = p = jacobian.num_parameters
+        cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
+        budget_rows = config.memory_budget // (4 * p * self.dtype.itemsize)
+        self.max_rows = config.chunk_size or max(1, min(budget_rows, cap))
         self.statistics = Statistics(None, None)
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
 
@@ -464,7 +452,7 @@ def prepare_fisher_vectors(
             "or `oversample`, or fit on more examples."
         )
     strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize)
-    op = operator(jac, config, strategy, reduce)
+    op = FisherVectors(jac, config, strategy, reduce)
     if n_local > 0:
         check_same_examples(data)
         _check_energy(jac, op, data)
@@ -472,31 +460,8 @@ def prepare_fisher_vectors(
     return op, n
 
 
-def operator(jac: ScoreJacobian, config: NFKConfig, strategy: str, reduce: Reduce) -> FisherVectors:
-    """The :class:`FisherVectors` of ``jac`` with chunks sized by ``config``."""
-    rank, world = rank_and_world_size()
-    row_bytes = 4 * jac.num_parameters * jac.dtype.itemsize
-    max_rows = config.chunk_size or max(1, min(config.memory_budget // row_bytes, _MAX_BLOCK_ROWS))
-    if strategy == "matrix_free" and config.chunk_size is None:
-        max_rows = min(max_rows, _MAX_MATRIX_FREE_ROWS)
-    return FisherVectors(
-        jac,
-        damping=config.damping,
-        strategy=strategy,
-        max_rows=max_rows,
-        reduce=reduce,
-        rank=rank,
-        world_size=world,
-    )
-
-
-def dense_bytes(n: int, p: int, itemsize: int) -> int:
-    """Memory of :math:`V` (N x P) and its float64 Gram matrix."""
-    return n * p * itemsize + min(n, p) ** 2 * 8
-
-
 def _resolve_strategy(config: NFKConfig, n: int, p: int, itemsize: int) -> str:
-    need = dense_bytes(n, p, itemsize)
+    need = n * p * itemsize + min(n, p) ** 2 * 8  # V and its float64 Gram matrix
     fits = need <= config.memory_budget
     if config.strategy == "dense" and not fits:
         raise ValueError(

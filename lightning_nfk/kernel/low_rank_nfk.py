@@ -26,7 +26,6 @@ from lightning_nfk.kernel.fisher_vectors import (
     PassResult,
     Progress,
     kernel_mode,
-    operator,
     prepare_fisher_vectors,
     working_energy,
 )
@@ -132,52 +131,17 @@ class LowRankNFK:
 
     @property
     def result(self) -> NFKFit:
-        """The fit's :class:`NFKFit` (spectrum, components, statistics)."""
+        """The fit's :class:`NFKFit`; its fields and properties are also attributes of this
+        object (``nfk.singular_values``, ``nfk.eigenvalues``, ..., and ``nfk.strategy_used``
+        for its ``strategy``)."""
         if self._fit is None:
             raise RuntimeError("This LowRankNFK is not fitted yet: call `fit(data)` first.")
         return self._fit
 
-    @property
-    def singular_values(self) -> Tensor:
-        """(k,) singular values :math:`\\sigma_i` of :math:`V`, descending."""
-        return self.result.singular_values
-
-    @property
-    def eigenvalues(self) -> Tensor:
-        """(k,) kernel operator eigenvalues :math:`\\lambda_i = \\sigma_i^2 / N` (Eq. 5)."""
-        return self.singular_values.square() / self.num_examples
-
-    @property
-    def gram_eigenvalues(self) -> Tensor:
-        """(k,) eigenvalues :math:`\\Lambda_i = \\sigma_i^2` of the Gram matrix :math:`K = V V^\\top`."""
-        return self.singular_values.square()
-
-    @property
-    def total_variance(self) -> Tensor:
-        """:math:`\\|V\\|_F^2 = \\operatorname{tr} K` (0-dim float64 tensor)."""
-        return self.result.total_variance
-
-    @property
-    def total_variance_is_exact(self) -> bool:
-        """False when :math:`\\|V\\|_F^2` is Hutchinson's estimate from the random sketch
-        (``matrix_free`` with an energy whose statistics do not cover the fitting data)."""
-        return self.result.total_variance_is_exact
-
-    @property
-    def explained_variance_ratio(self) -> Tensor:
-        """(k,) :math:`\\sigma_i^2 / \\|V\\|_F^2` per component (sklearn's convention)."""
-        return self.gram_eigenvalues / self.total_variance
-
-    @property
-    def components(self) -> Tensor:
-        """(P, k) right singular vectors :math:`P` (orthonormal columns)."""
-        return self.result.components
-
-    @property
-    def residuals(self) -> Tensor:
-        """(k,) relative residuals :math:`\\|V^\\top V p_i - \\sigma_i^2 p_i\\| / \\sigma_i^2`;
-        a computable bound on each eigenvalue's relative error (zeros for ``dense``)."""
-        return self.result.residuals
+    def __getattr__(self, name: str) -> Any:
+        if name in _RESULTS:
+            return getattr(self.result, _RESULTS[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def fit_embedding(self) -> Tensor | None:
@@ -199,31 +163,6 @@ class LowRankNFK:
                 "shuffle=False (the spectrum does not depend on the order)."
             )
         return self._fit_embedding
-
-    @property
-    def num_examples(self) -> int:
-        """N, the number of fitting examples over all processes."""
-        return self.result.num_examples
-
-    @property
-    def num_parameters(self) -> int:
-        """P = |theta|."""
-        return self.result.num_parameters
-
-    @property
-    def strategy_used(self) -> str:
-        """The strategy ``fit`` ran (``auto`` resolved)."""
-        return self.result.strategy
-
-    @property
-    def mean_score(self) -> Tensor | None:
-        """(P,) mean score :math:`z`, or None when the energy does not centre."""
-        return self.result.mean_score
-
-    @property
-    def fisher_diagonal(self) -> Tensor | None:
-        """(P,) diagonal Fisher :math:`I` (float64), or None when the energy does not normalise."""
-        return self.result.fisher_diagonal
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, data: Data, progress: Progress | None = None) -> LowRankNFK:
@@ -342,7 +281,7 @@ class LowRankNFK:
             "config": self.config.as_dict(),
             "theta": dict(op.jacobian.theta),
             "constants": dict(op.jacobian.constants),
-            "result": dataclasses.asdict(self.result),
+            "result": {f.name: getattr(self.result, f.name) for f in dataclasses.fields(NFKFit)},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -359,7 +298,7 @@ class LowRankNFK:
         jac.theta = {name: t.to(jac.device) for name, t in state["theta"].items()}
         jac.constants = {name: t.to(jac.device) for name, t in state["constants"].items()}
         fit = NFKFit(**state["result"])
-        op = operator(jac, self.config, fit.strategy, self.reduce)
+        op = FisherVectors(jac, self.config, fit.strategy, self.reduce)
         op.load_statistics(fit.mean_score, fit.fisher_diagonal)
         self._op, self._fit, self._fit_embedding = op, fit, None
 
@@ -396,7 +335,27 @@ class LowRankNFK:
 
 @dataclass(frozen=True)
 class NFKFit:
-    """What :meth:`LowRankNFK.fit` computed (see the properties of :class:`LowRankNFK`)."""
+    """What :meth:`LowRankNFK.fit` computed; each field and property is also an attribute of
+    the :class:`LowRankNFK`.
+
+    Attributes:
+        singular_values: (k,) singular values :math:`\\sigma_i` of :math:`V`, descending.
+        components: (P, k) right singular vectors :math:`P` (orthonormal columns).
+        residuals: (k,) relative residuals :math:`\\|V^\\top V p_i - \\sigma_i^2 p_i\\| /
+            \\sigma_i^2`, a computable bound on each eigenvalue's relative error (zeros for
+            ``dense``, NaN for ``n_iter = 0``).
+        total_variance: :math:`\\|V\\|_F^2 = \\operatorname{tr} K` (0-dim float64 tensor).
+        total_variance_is_exact: False when :math:`\\|V\\|_F^2` is Hutchinson's estimate
+            from the sketch (``matrix_free`` with an energy whose statistics do not cover the
+            fitting data).
+        num_examples: N, the number of fitting examples over all processes.
+        num_parameters: P = |theta|.
+        strategy: the strategy ``fit`` ran (``auto`` resolved); ``strategy_used`` on
+            :class:`LowRankNFK`.
+        mean_score: (P,) mean score :math:`z`, or None when the energy does not centre.
+        fisher_diagonal: (P,) diagonal Fisher :math:`I` (float64), or None when the energy
+            does not normalise.
+    """
 
     singular_values: Tensor
     components: Tensor
@@ -408,6 +367,29 @@ class NFKFit:
     strategy: str
     mean_score: Tensor | None
     fisher_diagonal: Tensor | None
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """(k,) kernel operator eigenvalues :math:`\\lambda_i = \\sigma_i^2 / N` (Eq. 5)."""
+        return self.singular_values.square() / self.num_examples
+
+    @property
+    def gram_eigenvalues(self) -> Tensor:
+        """(k,) eigenvalues :math:`\\Lambda_i = \\sigma_i^2` of the Gram matrix :math:`V V^\\top`."""
+        return self.singular_values.square()
+
+    @property
+    def explained_variance_ratio(self) -> Tensor:
+        """(k,) :math:`\\sigma_i^2 / \\|V\\|_F^2` per component (sklearn's convention)."""
+        return self.gram_eigenvalues / self.total_variance
+
+
+_RESULTS = {f.name: f.name for f in dataclasses.fields(NFKFit)} | {
+    "strategy_used": "strategy",
+    "eigenvalues": "eigenvalues",
+    "gram_eigenvalues": "gram_eigenvalues",
+    "explained_variance_ratio": "explained_variance_ratio",
+}
 
 
 def _check_state(state: object, energy: Energy, path: object = "the state") -> None:
