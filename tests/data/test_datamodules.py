@@ -74,6 +74,11 @@ def test_fashion_mnist_from_debian(tmp_path):
     assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1  # standardised
 
 
+def _rows(images: torch.Tensor) -> set[bytes]:
+    """Each image's bytes: an example's identity (uint8, compared exactly)."""
+    return {row.numpy().tobytes() for row in images}
+
+
 def test_splits_are_seeded_and_disjoint():
     a, b, c = (RandomImageDataModule(val_size=100, train_subset=200, seed=s) for s in (0, 0, 1))
     for dm in (a, b, c):
@@ -81,6 +86,14 @@ def test_splits_are_seeded_and_disjoint():
     assert torch.equal(a.dataset("train").images, b.dataset("train").images)
     assert not torch.equal(a.dataset("train").images, c.dataset("train").images)
     assert len(a.dataset("train")) == 200 and len(a.dataset("val")) == 100
+    official = _rows(a.load_split(train=True)[0])
+    assert len(official) == a.num_train  # distinct images, so an image identifies its example
+    for dm in (a, c):
+        train, val = _rows(dm.dataset("train").images), _rows(dm.dataset("val").images)
+        test = _rows(dm.dataset("test").images)
+        assert len(train) == 200 and len(val) == 100  # no example twice within a split
+        assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+        assert train | val <= official  # both come from the official training split
 
 
 def test_balanced_label_indices():

@@ -48,7 +48,13 @@ def test_gan_samples_are_sharded_without_overlap():
     full = torch.cat(list(energy.sample_batches(rank=0, world_size=1, **kw)))
     shards = [torch.cat(list(energy.sample_batches(rank=r, world_size=3, **kw))) for r in range(3)]
     assert full.shape == (37, 1, 8, 8)
-    assert torch.equal(torch.cat(shards), full)
+    assert [len(s) for s in shards] == [12, 12, 13]  # contiguous, unpadded: bounds r * 37 // 3
+    # The shards run the generator on other batch shapes (5, 5, 2 | 5, 5, 2 | 5, 5, 3 against
+    # seven 5s and a 2), so the float32 GEMMs may take other kernels: equal up to round-off
+    # of dot products of length <= 32 (the hidden width), relative to the outputs' scale
+    # (tanh, <= 1). A shifted, overlapping or missing sample differs by O(1).
+    eps, scale = torch.finfo(full.dtype).eps, full.abs().max().item()
+    torch.testing.assert_close(torch.cat(shards), full, rtol=32 * eps, atol=32 * eps * scale)
 
 
 def test_gan_custom_latent_sampler():
@@ -191,4 +197,9 @@ def test_user_energy_classical_fisher_kernel_matches_closed_form():
     u = g - g.mean(0)
     v = u / torch.sqrt(u.square().mean(0) + 1e-8)
     sigma = torch.linalg.svdvals(v)[:3]
-    torch.testing.assert_close(nfk.singular_values, sigma, rtol=1e-10, atol=0)
+    # dense path (eigh of the Gram matrix) against an SVD: float64 round-off of sums over
+    # the n = 50 examples, relative to sigma_1
+    n, eps = len(x), torch.finfo(sigma.dtype).eps
+    torch.testing.assert_close(
+        nfk.singular_values, sigma, rtol=n * eps, atol=n * eps * sigma[0].item()
+    )
