@@ -130,8 +130,9 @@ def stack_items(
 ) -> tuple[Tensor, Tensor | None]:
     """The inputs ``x`` (stacked) of ``dataset[i]`` for ``i`` in ``indices``, and with
     ``labels`` their labels ``y`` as int64."""
-    items = [dataset[int(i)] for i in indices]
+    items = [dataset[int(i)] for i in (indices if len(indices) else [0])]  # [0]: the shape
     x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+    x, items = x[: len(indices)], items[: len(indices)]  # a rank may have no rows
     y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64) if labels else None
     return x, y
 

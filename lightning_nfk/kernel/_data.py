@@ -61,7 +61,7 @@ def iter_chunks(
     for x in batches:
         # inputs are data: a generator output that still requires grad is detached
         x = x.detach().to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-        yield from x.split(max_rows)
+        yield from (c for c in x.split(max_rows) if c.shape[0])  # no empty chunk
 
 
 def has_fixed_order(data: Data) -> bool:

@@ -81,6 +81,10 @@ class ExactNFK:
         """:math:`\\|V\\|_F^2 = \\operatorname{tr} K` (float64)."""
         return torch.linalg.vector_norm(self.fisher_vectors.flatten(), dtype=torch.float64).square()
 
+    def embed(self, fisher_vectors: Tensor, k: int) -> Tensor:
+        """:math:`e(x) = V_x P_{:, :k}` for explicit Fisher vectors of other inputs."""
+        return fisher_vectors @ self.right[:, :k]
+
 
 def exact_nfk(
     energy: Energy,

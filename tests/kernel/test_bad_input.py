@@ -193,3 +193,9 @@ def test_inputs_that_require_grad_give_detached_results():
     for t in (nfk.singular_values, nfk.components, nfk.fit_embedding, nfk.transform(x)):
         assert not t.requires_grad and t.grad_fn is None
     assert x.grad is None
+
+
+def test_transform_of_no_rows_is_empty():
+    x, _ = _images()
+    nfk = LowRankNFK(ClassifierEnergy(tiny_cnn()), **KW).fit(x)
+    assert nfk.transform(x[:0]).shape == (0, KW["k"])
