@@ -24,6 +24,13 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
+def _same_float64_spectrum(a: LowRankNFK, b: LowRankNFK, n: int) -> None:
+    """Singular values of two float64 fits of n examples in other chunk shapes or orders:
+    round-off of sums over the n examples, relative to sigma_1 (atol); rtol tight."""
+    atol = n * torch.finfo(torch.float64).eps * b.singular_values[0].item()
+    torch.testing.assert_close(a.singular_values, b.singular_values, rtol=1e-12, atol=atol)
+
+
 def _match_signs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Flip the columns of ``a`` to agree in sign with ``b``."""
     signs = torch.sign((a * b).sum(dim=0))
@@ -171,14 +178,7 @@ def test_memory_budget_chunking_does_not_change_result():
     ).fit(case.x)
     assert small._fitted_operator().max_rows < 8
     big = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(case.x)
-    # other chunk shapes: float64 round-off of sums over the n examples, relative to sigma_1
-    n, eps = len(case.x), torch.finfo(torch.float64).eps
-    torch.testing.assert_close(
-        small.singular_values,
-        big.singular_values,
-        rtol=1e-12,
-        atol=n * eps * big.singular_values[0].item(),
-    )
+    _same_float64_spectrum(small, big, len(case.x))  # other chunk shapes
 
 
 def test_same_seed_same_answer_different_seed_close():
@@ -265,15 +265,7 @@ def test_shuffled_loader_with_labels_gives_the_same_kernel():
     )
     other = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(loader)
     assert other.num_examples == len(case.x)
-    # other order and chunk shapes: float64 round-off of sums over the n examples,
-    # relative to sigma_1
-    n, eps = len(case.x), torch.finfo(torch.float64).eps
-    torch.testing.assert_close(
-        other.singular_values,
-        base.singular_values,
-        rtol=1e-12,
-        atol=n * eps * base.singular_values[0].item(),
-    )
+    _same_float64_spectrum(other, base, len(case.x))  # other order and chunk shapes
 
 
 @pytest.mark.parametrize("n", [20, 400], ids=["N<P", "N>P"])
