@@ -75,7 +75,8 @@ def main() -> None:
         "\n### NFKSpectrumCallback overhead: one Fashion-MNIST epoch (55,000 images), LeNet-5, batch 128, CPU\n"
     )
     print(
-        f"Callback defaults: k={d.k}, oversample={d.oversample}, n_iter={d.n_iter}, probe_size={d.probe_size}; "
+        f"Callback defaults: k={d.config.k}, oversample={d.config.oversample}, "
+        f"n_iter={d.config.n_iter}, probe_size={d.probe_size}; "
         f"medians of {args.repeats} alternating repeats.\n"
     )
     print("| epoch without | epoch with | NFK fit inside | overhead | target (<= 10%) |")
@@ -94,12 +95,11 @@ def main() -> None:
                 "fit",
                 "--config",
                 str(ROOT / "recipes" / "quickstart.yaml"),
-                f"--trainer.logger.init_args.save_dir={logs}",
                 "--trainer.enable_progress_bar=false",
                 f"--data.init_args.data_dir={ROOT / 'data'}",
             ]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+            t0 = time.perf_counter()  # in a scratch folder: logs and checkpoints go there
+            subprocess.run(cmd, check=True, capture_output=True, cwd=logs)
             secs = time.perf_counter() - t0
         print(
             f"\nQuickstart (`lightning-nfk fit --config recipes/quickstart.yaml`, 3 epochs with both callbacks, "

@@ -8,6 +8,7 @@ must run on every rank before a rank-zero section (``log_dir`` is a collective u
 from __future__ import annotations
 
 import contextlib
+import numbers
 import signal
 import threading
 from collections.abc import Iterator
@@ -113,7 +114,7 @@ def check_items(dataset: Any, *, labels: bool, where: str) -> None:
     if len(item) < 2:
         raise ValueError(f"Items of the {where} have no label: the linear probe needs (x, y).")
     y = item[1]
-    if not (isinstance(y, int) or (isinstance(y, Tensor) and y.numel() == 1)):
+    if not (isinstance(y, numbers.Integral) or (isinstance(y, Tensor) and y.numel() == 1)):
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(
             f"Labels of the {where} must be integer class indices; got {shape} (one-hot or "
@@ -154,14 +155,23 @@ def deferred_interrupts(trainer: pl.Trainer) -> Iterator[None]:
     (one collective that every rank reaches) and all raise together: ``KeyboardInterrupt``
     for SIGINT (Lightning's graceful shutdown, exit status 1) or Lightning's
     ``SIGTERMException`` with exit status 143 for SIGTERM. Checkpoints of finished epochs
-    are left as they were.
+    are left as they were. The same signal a second time interrupts at once, on the rank
+    that receives it (a way out of a section that does not end).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: set[int] = set()
     signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, _: received.add(signum)) for s in signals}
+
+    def record(signum: int, _: object) -> None:
+        if signum in received:  # the same signal twice: stop now, on this rank
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            _raise_for(signum)
+        received.add(signum)
+
+    previous = {s: signal.signal(s, record) for s in signals}
     try:
         yield
     finally:
@@ -171,7 +181,12 @@ def deferred_interrupts(trainer: pl.Trainer) -> Iterator[None]:
         [float(s in received) for s in signals], device=trainer.strategy.root_device
     )
     flags = strategy_sum(trainer)(flags)
-    if flags[0] > 0:
+    for s, flag in zip(signals, flags):
+        if flag > 0:
+            _raise_for(s)
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    if flags[1] > 0:
-        raise SIGTERMException(128 + signal.SIGTERM)
+    raise SIGTERMException(128 + signal.SIGTERM)

@@ -17,8 +17,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_nfk.callbacks.nfk_spectrum import NFKSpectrumCallback
-from lightning_nfk.kernel import LowRankNFK, NFKConfig, Reduce, check_int, gather_rows, kernel_mode
-from lightning_nfk.kernel.linear_probe import DEFAULT_L2_GRID, select_and_fit
+from lightning_nfk.kernel import (
+    DEFAULT_L2_GRID,
+    LowRankNFK,
+    NFKConfig,
+    Reduce,
+    check_int,
+    gather_rows,
+    kernel_mode,
+    select_and_fit,
+)
 from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
@@ -112,7 +120,7 @@ class LinearProbeCallback(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.history: list[dict[str, float]] = []
-        self._cache: dict[str, tuple[Tensor, Tensor, int]] = {}
+        self._cache: dict[str, tuple[Tensor, Tensor, int, int]] = {}
 
     @property
     def state_key(self) -> str:
@@ -163,9 +171,9 @@ class LinearProbeCallback(Callback):
                 f"labelled training examples) = {n_fit}."
             )
 
-    def _split(self, trainer: pl.Trainer, which: str) -> tuple[Tensor, Tensor, int]:
-        """This rank's shard of the (seeded, capped) labelled-train or validation examples,
-        and the shard's first position in the whole selection."""
+    def _split(self, trainer: pl.Trainer, which: str) -> tuple[Tensor, Tensor, int, int]:
+        """This rank's shard (x, y) of the (seeded, capped) labelled-train or validation
+        examples, the shard's first position in the whole selection, and its size."""
         if which not in self._cache:
             cap = self.max_train if which == "labeled" else self.max_val
             dataset = reference_dataset(trainer, which)
@@ -173,7 +181,7 @@ class LinearProbeCallback(Callback):
             local, lo = local_shard(trainer, indices)
             x, y = stack_items(dataset, local, labels=True)
             assert y is not None
-            self._cache[which] = (x, y, lo)
+            self._cache[which] = (x, y, lo, len(indices))
         return self._cache[which]
 
     # -- features ------------------------------------------------------------------------------
@@ -188,9 +196,11 @@ class LinearProbeCallback(Callback):
                 and cb.history[-1]["epoch"] == trainer.current_epoch
             ):
                 return cb.nfk
-        # the first nfk_fit_size examples of the whole selection, wherever their rank is
-        x, _, lo = self._split(trainer, "labeled")
-        x_fit = x[: max(0, min(x.shape[0], self.nfk_fit_size - lo))]
+        # nfk_fit_size seeded positions of the whole selection (the same set for any
+        # number of processes); each rank fits those inside its shard
+        x, _, lo, total = self._split(trainer, "labeled")
+        pos = seeded_subset(total, self.nfk_fit_size, self.seed + 2)
+        x_fit = x[pos[(pos >= lo) & (pos < lo + len(x))] - lo]
         nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
         return nfk.fit(x_fit.to(pl_module.device))
 
@@ -232,8 +242,8 @@ class LinearProbeCallback(Callback):
     def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reduce = strategy_sum(trainer)
         with torch.random.fork_rng(devices=rng_devices(pl_module)), torch.no_grad():
-            x_tr, y_tr, _ = self._split(trainer, "labeled")
-            x_va, y_va, _ = self._split(trainer, "val")
+            x_tr, y_tr, _, _ = self._split(trainer, "labeled")
+            x_va, y_va, _, _ = self._split(trainer, "val")
             fn = self._feature_fn(trainer, pl_module, reduce)
             with kernel_mode(pl_module):
                 f_tr = self._extract(pl_module, x_tr, fn)

@@ -83,10 +83,12 @@ class NFKSpectrumCallback(Callback):
         k: components (default 32: enough to see the decay of Fig. 2).
         oversample: extra sketch columns.
         n_iter: power iterations (default 3; ``n_iter + 2`` passes over the probe set in
-            all, with the statistics pass). Enough for monitoring: the top
+            all with the statistics pass, 2 when ``auto`` picks ``dense`` for a small probe
+            set). Enough for monitoring: the top
             eigenvalues converge first; raise it (and ``oversample``) for precise tails.
-        probe_size: examples in the probe set (default 512). The defaults keep the fit
-            under 10% of a Fashion-MNIST LeNet-5 epoch on 2 CPU cores (BENCHMARKS.md).
+        probe_size: examples in the probe set (default 512). At the defaults the fit
+            adds 6-8% to a Fashion-MNIST LeNet-5 epoch on a 2-core Xeon, 14-18% on a
+            2-core AMD EPYC (BENCHMARKS.md).
         probe_split: ``"train"`` or ``"val"``.
         every_n_epochs: fit after every n-th training epoch.
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
@@ -206,7 +208,7 @@ class NFKSpectrumCallback(Callback):
             x = self._local_probe(trainer, pl_module.device)
             start = time.perf_counter()
             nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
-            with self._progress(trainer, x.shape[0]) as update:
+            with self._progress(trainer) as update:
                 nfk.fit(x, progress=update)
                 # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
                 emb = nfk.fit_embedding if nfk.fit_embedding is not None else nfk.transform(x)
@@ -246,16 +248,14 @@ class NFKSpectrumCallback(Callback):
             self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
 
     @contextlib.contextmanager
-    def _progress(self, trainer: pl.Trainer, n_local: int):
+    def _progress(self, trainer: pl.Trainer):
         if trainer.progress_bar_callback is None or trainer.global_rank != 0:
             yield lambda n: None
             return
         from tqdm.auto import tqdm
 
-        total = n_local * (self.config.n_iter + 2)
-        with tqdm(
-            total=total, desc="NFK spectrum", unit="ex", leave=False, dynamic_ncols=True
-        ) as bar:
+        # no total: 2 passes for `dense`, n_iter + 2 otherwise; the strategy is chosen in fit
+        with tqdm(desc="NFK spectrum", unit="ex", leave=False, dynamic_ncols=True) as bar:
             yield bar.update
 
     @rank_zero_only

@@ -48,7 +48,8 @@ class EpochSeededSampler(RandomSampler):
     """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at
     each epoch start, so a run resumed from a checkpoint sees the same batches as an
     uninterrupted one (a loader's own generator would restart its stream). Under DDP,
-    Lightning replaces it by a ``DistributedSampler(shuffle=True)``, seeded the same way."""
+    Lightning replaces it by a ``DistributedSampler(shuffle=True)``, which also draws its
+    order from a seed (``seed_everything``'s) and the epoch."""
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)  # type: ignore[arg-type]

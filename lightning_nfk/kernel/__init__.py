@@ -22,6 +22,12 @@ from lightning_nfk.kernel.fisher_vectors import (
     working_energy,
 )
 from lightning_nfk.kernel.linalg import gather_rows
+from lightning_nfk.kernel.linear_probe import (
+    DEFAULT_L2_GRID,
+    LogisticRegression,
+    fit_logistic_regression,
+    select_and_fit,
+)
 from lightning_nfk.kernel.low_rank_nfk import LowRankNFK, NFKFit
 from lightning_nfk.kernel.metrics import (
     components_for,
@@ -34,12 +40,14 @@ from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import RitzPairs, subspace_iteration
 
 __all__ = [
+    "DEFAULT_L2_GRID",
     "DEFAULT_MEMORY_BUDGET",
     "ClassifierEnergy",
     "Energy",
     "ExactNFK",
     "FisherVectors",
     "GANEnergy",
+    "LogisticRegression",
     "LowRankNFK",
     "NFKConfig",
     "NFKFit",
@@ -56,9 +64,11 @@ __all__ = [
     "cumulative_explained_variance",
     "effective_rank",
     "exact_nfk",
+    "fit_logistic_regression",
     "gather_rows",
     "kernel_mode",
     "prepare_fisher_vectors",
+    "select_and_fit",
     "stable_rank",
     "subspace_drift",
     "subspace_iteration",

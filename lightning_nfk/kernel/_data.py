@@ -69,7 +69,7 @@ def has_fixed_order(data: Data) -> bool:
     random sampler, or any other iterable, which is taken at its word)."""
     if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
         return True
-    sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+    sampler = getattr(data.batch_sampler, "sampler", data.sampler)
     return isinstance(sampler, SequentialSampler) or getattr(sampler, "shuffle", None) is False
 
 

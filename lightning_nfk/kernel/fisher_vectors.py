@@ -373,14 +373,15 @@ class FisherVectors:
         return v
 
 
-def _check_energy(jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:
+def _check_energy(jac: ScoreJacobian, data: Data, max_rows: int) -> None:
     """On up to 4 examples: one scalar per example, deterministic, each example's score
     independent of the rest of its batch (no batch statistics)."""
     for batch in data.split(4) if isinstance(data, Tensor) else data:
         x = first_tensor(batch)[:4]
         if x.shape[0] == 0:
             continue
-        x, extras = next(op.chunks(x))
+        x = next(iter_chunks(x, max_rows, jac.device, jac.dtype))
+        extras = jac.energy.extras(x)
         name = type(jac.energy).__name__
         out = jac.scores(x, extras)
         if out.shape != (x.shape[0],):
@@ -388,8 +389,7 @@ def _check_energy(jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:
                 f"{name}.score must return one scalar per example, shape ({x.shape[0]},) for a "
                 f"batch of {x.shape[0]}; got shape {tuple(out.shape)}."
             )
-        again = jac.scores(x, extras)
-        if not torch.equal(out.nan_to_num(0.5), again.nan_to_num(0.5)):  # NaN: a later error
+        if not _agree(out, jac.scores(x, extras)):
             raise ValueError(
                 f"{name}.score is not deterministic: two evaluations of the same examples "
                 "differ. The NFK needs a fixed function of the parameters (stochastic layers "
@@ -406,18 +406,25 @@ def _check_energy(jac: ScoreJacobian, op: FisherVectors, data: Data) -> None:
                 "example's score alone, so the score must not need the rest of the batch."
             ) from e
         alone = torch.cat(singles)
-        tol = torch.finfo(out.dtype).eps ** 0.5  # batched vs single kernels differ by ~eps
-        finite = out.isfinite() & alone.isfinite()
-        scale = out[finite].abs().max() if finite.any() else 0.0
-        if not torch.allclose(out[finite], alone[finite], rtol=tol, atol=tol * float(scale)):
+        if not _agree(out, alone):
             raise ValueError(
                 f"{name}.score of an example depends on the other examples of its batch "
-                f"(scores of {len(x)} examples batched and one by one differ, "
-                f"max {float((out - alone)[finite].abs().max()):.3g}): a layer uses batch "
+                f"(scores of {len(x)} examples batched and one by one differ, max "
+                f"{float((out - alone).nan_to_num().abs().max()):.3g}): a layer uses batch "
                 "statistics in eval mode (BatchNorm with track_running_stats=False?). The NFK "
                 "needs a per-example score: use running statistics or GroupNorm/LayerNorm."
             )
         return
+
+
+def _agree(a: Tensor, b: Tensor) -> bool:
+    """Equal up to sqrt(eps) of their scale, ignoring non-finite entries (a later, clearer
+    error): kernels for other shapes, or GPU atomics, differ by a few eps; batch
+    statistics or unfrozen noise by far more."""
+    finite = a.isfinite() & b.isfinite()
+    tol = torch.finfo(a.dtype).eps ** 0.5
+    scale = float(a[finite].abs().max()) if finite.any() else 0.0
+    return torch.allclose(a[finite], b[finite], rtol=tol, atol=tol * scale)
 
 
 def prepare_fisher_vectors(
@@ -434,9 +441,11 @@ def prepare_fisher_vectors(
         The operator and N, the number of fitting examples over all processes.
 
     Raises:
-        ValueError, TypeError: empty or changing data, ``k + oversample > min(N, P)``, a
-            dense problem over the memory budget, an energy that is not one deterministic
-            per-example scalar; all before any pass over the data.
+        ValueError, TypeError: before any pass: empty or changing data, ``k + oversample >
+            min(N, P)``, a dense problem over the memory budget, an energy that is not one
+            deterministic per-example scalar (a refusal on one rank is raised on every
+            rank); after the statistics: identical examples, a zero kernel.
+        NonFiniteGradientError: non-finite scores or gradients.
     """
     check_data(data)
     jac = ScoreJacobian(energy)
@@ -453,10 +462,26 @@ def prepare_fisher_vectors(
         )
     strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize)
     op = FisherVectors(jac, config, strategy, reduce)
-    if n_local > 0:
-        check_same_examples(data)
-        _check_energy(jac, op, data)
-    op.fit_statistics(data, progress)
+    error = None
+    if n_local > 0:  # checks of this rank's data; every rank learns of a refusal
+        try:
+            check_same_examples(data)
+            _check_energy(jac, data, op.max_rows)
+        except (ValueError, TypeError) as e:
+            error = e
+    refused = reduce(
+        torch.tensor([float(error is not None)], dtype=torch.float64, device=jac.device)
+    )
+    if error is not None:
+        raise error
+    if refused.item() > 0:
+        raise ValueError("Another process refused its shard of the fitting data (see its error).")
+    stats = op.fit_statistics(data, progress)
+    if stats.sum_of_squares == 0:
+        raise ValueError(
+            "The Fisher vectors of the fitting data are all zero (||V||_F = 0): the kernel is "
+            "zero. Does the energy depend on the kernel module's parameters?"
+        )
     return op, n
 
 
@@ -467,8 +492,8 @@ def _resolve_strategy(config: NFKConfig, n: int, p: int, itemsize: int) -> str:
         raise ValueError(
             f"strategy='dense' needs V ({n} x {p}) and its Gram matrix in memory: "
             f"{need / 2**20:.0f} MiB, more than `memory_budget` "
-            f"({config.memory_budget / 2**20:.0f} MiB). Use strategy='blocked' (or 'auto'), or "
-            "raise `memory_budget`."
+            f"({config.memory_budget / 2**20:.0f} MiB). Raise `memory_budget`, fit fewer "
+            "examples, or (LowRankNFK) use strategy='blocked' or 'auto'."
         )
     if config.strategy != "auto":
         return config.strategy

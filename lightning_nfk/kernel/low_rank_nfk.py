@@ -76,7 +76,8 @@ class LowRankNFK:
         config: the :class:`NFKConfig` (k, oversample, n_iter, damping, strategy, dtype,
             seed, memory_budget, chunk_size).
         reduce: sum over processes; default: ``torch.distributed.all_reduce`` when
-            initialised, else the identity.
+            initialised, else the identity. Ranks and world size always come from
+            ``torch.distributed``: an injected ``reduce`` must sum over its default group.
         **options: :class:`NFKConfig` fields, the short form (``LowRankNFK(energy, k=16)``);
             with ``config`` they override its fields.
 
@@ -180,23 +181,24 @@ class LowRankNFK:
             self.
 
         Raises:
-            ValueError: empty or augmented data, ``k + oversample > min(N, P)``, a dense
-                problem over ``memory_budget``, an energy that does not return one
-                deterministic scalar per example, identical examples (a zero kernel); all
-                before any pass over the data.
+            ValueError: before any pass: empty or augmented data, ``k + oversample >
+                min(N, P)``, a dense problem over ``memory_budget``, an energy that does not
+                return one deterministic scalar per example of its own; after the
+                statistics: identical examples or a zero kernel (``||V||_F = 0``, else found
+                after the passes; the previous fit is then kept). Raised on every rank.
             NonFiniteGradientError: when some scores or per-example gradients are not finite.
         """
         energy = working_energy(self.energy, self.config.dtype)
         with kernel_mode(energy):
             op, n = prepare_fisher_vectors(energy, data, self.config, self.reduce, progress)
             fit = self._fit_dense if op.strategy == "dense" else self._fit_randomized
-            sigma, components, residuals, total, exact = fit(op, data, progress)
+            sigma, components, residuals, total, exact, embedding = fit(op, data, progress)
         if not total > 0:
             raise ValueError(
                 "The Fisher vectors of the fitting data are all zero (||V||_F = 0): the kernel "
                 "is zero. Does the energy depend on the kernel module's parameters?"
             )
-        self._op = op
+        self._op, self._fit_embedding = op, embedding
         self._fixed_order = has_fixed_order(data)
         self._fit = NFKFit(
             singular_values=sigma,
@@ -216,10 +218,9 @@ class LowRankNFK:
         local = op.materialize(data, progress)
         v = gather_rows(local, self.reduce)
         sigma, right, _ = exact_decomposition(v, self.config.k)
-        self._fit_embedding = local @ right
         total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square().item()
         residuals = torch.zeros(self.config.k, dtype=torch.float64)
-        return sigma.to(op.dtype), right, residuals, total, True
+        return sigma.to(op.dtype), right, residuals, total, True, local @ right
 
     def _fit_randomized(self, op: FisherVectors, data: Data, progress: Progress | None):
         passes: list[PassResult] = []
@@ -245,12 +246,10 @@ class LowRankNFK:
             total = passes[0].sum_of_squares
         if total is None:
             total, exact = ritz.trace_estimate.item(), False
-        rows = passes[-1].rows
-        self._fit_embedding = (
-            None if ritz.coefficients is None else rows @ ritz.coefficients.to(rows.dtype)
-        )
+        rows, w = passes[-1].rows, ritz.coefficients
+        embedding = None if w is None else rows @ w.to(rows.dtype)  # V P = (V Z) W
         sigma = ritz.eigenvalues.sqrt().to(op.dtype).cpu()
-        return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact
+        return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact, embedding
 
     # -- embeddings ---------------------------------------------------------------------------
     def transform(self, data: Data) -> Tensor:
@@ -292,9 +291,10 @@ class LowRankNFK:
                 or dtypes differ from the energy's module.
         """
         _check_state(state, self.energy)
+        self.config = NFKConfig.from_dict(state["config"])
         jac = ScoreJacobian(working_energy(self.energy, self.config.dtype))
-        _check_tensors("parameters", state["theta"], jac.theta)
-        _check_tensors("buffers and frozen parameters", state["constants"], jac.constants)
+        _check_tensors("parameter", state["theta"], jac.theta)
+        _check_tensors("buffer or frozen parameter", state["constants"], jac.constants)
         jac.theta = {name: t.to(jac.device) for name, t in state["theta"].items()}
         jac.constants = {name: t.to(jac.device) for name, t in state["constants"].items()}
         fit = NFKFit(**state["result"])
@@ -324,7 +324,7 @@ class LowRankNFK:
                 f"{os.fspath(path)!r} is not a file saved by LowRankNFK.save: {e!r}"
             ) from e
         _check_state(state, energy, path)
-        nfk = cls(energy, NFKConfig.from_dict(state["config"]))
+        nfk = cls(energy)
         nfk.load_state_dict(state)
         return nfk
 
@@ -394,6 +394,11 @@ _RESULTS = {f.name: f.name for f in dataclasses.fields(NFKFit)} | {
 
 def _check_state(state: object, energy: Energy, path: object = "the state") -> None:
     keys = {"version", "energy", "config", "theta", "constants", "result"}
+    if isinstance(state, dict) and state.get("version", _STATE_VERSION) != _STATE_VERSION:
+        raise ValueError(
+            f"{path} has format version {state['version']}; this lightning-nfk reads version "
+            f"{_STATE_VERSION}: fit again and save."
+        )
     if not isinstance(state, dict) or not keys <= set(state):
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
         raise ValueError(
@@ -410,13 +415,13 @@ def _check_state(state: object, energy: Energy, path: object = "the state") -> N
 def _check_tensors(what: str, saved: dict[str, Tensor], current: dict[str, Tensor]) -> None:
     if list(saved) != list(current):
         raise ValueError(
-            f"The saved {what} do not match the energy's module: saved {list(saved)[:4]}..., "
+            f"The saved {what}s do not match the energy's module: saved {list(saved)[:4]}..., "
             f"the module has {list(current)[:4]}...."
         )
     for name, t in saved.items():
         if t.shape != current[name].shape or t.dtype != current[name].dtype:
             raise ValueError(
-                f"The saved {what[:-1] if what.endswith('s') else what} {name!r} has shape "
+                f"The saved {what} {name!r} has shape "
                 f"{tuple(t.shape)} and dtype {t.dtype}; the energy's module has "
                 f"{tuple(current[name].shape)} and {current[name].dtype} (another architecture "
                 "or number of classes?)."

@@ -72,7 +72,7 @@ def test_label_budget_restricts_training_examples(tmp_path):
     dm = RandomImageDataModule(batch_size=32, num_labels=40)
     cb = LinearProbeCallback(features=_flat_pixels, max_train=1000, max_val=64)
     _fit(tmp_path, [cb], dm=dm)
-    x, y, _ = cb._split(_FakeTrainer(dm), "labeled")
+    x, y, _, _ = cb._split(_FakeTrainer(dm), "labeled")
     assert x.shape[0] == 40 and torch.bincount(y).tolist() == [4] * 10
 
 

@@ -156,7 +156,7 @@ def test_cifar10_and_svhn_layouts(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR)
     monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
     cifar = CIFAR10DataModule(data_dir=str(tmp_path), val_size=10, normalization="none")
-    x, y = cifar.dataset("train")[0]
+    x, _ = cifar.dataset("train")[0]
     assert x.shape == (3, 32, 32) and x[0].min() == 1.0 and x[1:].max() == 0.0
     assert len(cifar.dataset("train")) == 50 and len(cifar.dataset("test")) == 20
     svhn = SVHNDataModule(data_dir=str(tmp_path), val_size=10, num_labels=20)

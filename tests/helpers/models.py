@@ -169,7 +169,7 @@ class Reference:
 
 
 def reference(case: Case, damping: float = 1e-8) -> Reference:
-    """Dense float64 NFK of case.x, from DESIGN.md section 2 directly."""
+    """Dense float64 NFK of case.x, from the formulas of docs/design.md (section 1) directly."""
     g = reference_gradients(case, case.x)
     e = case.energy
     if case.name == "gan":

@@ -115,3 +115,47 @@ def test_exact_path_gathers_all_rows(two_process_results):
             rtol=n * eps,
             atol=n * eps * expected[0].item() ** 2,
         )
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """A dataset whose items change at every read (random augmentation)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.randn(6)
+
+
+def _refusing_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        case = make_case("mlp")
+        # rank 0's shard is augmented, rank 1's is fine: only rank 0 can see the problem
+        data = DataLoader(_Noisy(), batch_size=8) if rank == 0 else case.x[SPLIT:]
+        try:
+            LowRankNFK(case.energy, k=3, oversample=6).fit(data)
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_refusal_on_one_rank_reaches_every_rank(tmp_path):
+    with child_watchdog(120, "the 2-process refusal run"):
+        mp.start_processes(
+            _refusing_worker,
+            args=(2, _free_port(), str(tmp_path)),
+            nprocs=2,
+            join=True,
+            start_method="spawn",
+        )
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert "does not yield the same examples on every pass" in messages[0]
+    assert messages[1] == "Another process refused its shard of the fitting data (see its error)."
