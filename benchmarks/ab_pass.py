@@ -26,6 +26,7 @@ def one(repo: Path) -> dict[str, float]:
     """ms per example of one blocked pass for each model, with ``repo``'s code."""
     sys.path.insert(0, str(repo))
     import torch
+
     from benchmarks import bench_kernel as b
 
     torch.manual_seed(0)
