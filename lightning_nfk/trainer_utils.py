@@ -138,6 +138,20 @@ def stack_items(
     return x, y
 
 
+@contextlib.contextmanager
+def progress_bar(trainer: pl.Trainer, desc: str) -> Iterator[Any]:
+    """A tqdm bar counting examples on rank zero when the trainer shows progress bars;
+    yields its ``update`` (a no-op elsewhere). No total: the passes of a fit depend on the
+    strategy it chooses."""
+    if trainer.progress_bar_callback is None or trainer.global_rank != 0:
+        yield lambda n: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=desc, unit="ex", leave=False, dynamic_ncols=True) as bar:
+        yield bar.update
+
+
 def resolved_log_dir(trainer: pl.Trainer) -> Path:
     """``trainer.log_dir`` (a collective under DDP): call it on every rank, then use the
     value in a rank-zero section."""

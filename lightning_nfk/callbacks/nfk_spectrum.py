@@ -6,7 +6,6 @@ number of components), computed with :class:`lightning_nfk.kernel.LowRankNFK`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from lightning_nfk.trainer_utils import (
     check_strategy,
     deferred_interrupts,
     local_shard,
+    progress_bar,
     reference_dataset,
     resolved_log_dir,
     rng_devices,
@@ -208,7 +208,7 @@ class NFKSpectrumCallback(Callback):
             x = self._local_probe(trainer, pl_module.device)
             start = time.perf_counter()
             nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
-            with self._progress(trainer) as update:
+            with progress_bar(trainer, "NFK spectrum") as update:
                 nfk.fit(x, progress=update)
                 # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
                 emb = nfk.fit_embedding if nfk.fit_embedding is not None else nfk.transform(x)
@@ -246,17 +246,6 @@ class NFKSpectrumCallback(Callback):
         if self.plot:
             # log_dir broadcasts under DDP: resolved on every rank, used on rank zero only
             self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
-
-    @contextlib.contextmanager
-    def _progress(self, trainer: pl.Trainer):
-        if trainer.progress_bar_callback is None or trainer.global_rank != 0:
-            yield lambda n: None
-            return
-        from tqdm.auto import tqdm
-
-        # no total: 2 passes for `dense`, n_iter + 2 otherwise; the strategy is chosen in fit
-        with tqdm(desc="NFK spectrum", unit="ex", leave=False, dynamic_ncols=True) as bar:
-            yield bar.update
 
     @rank_zero_only
     def _plot(self, trainer: pl.Trainer, out: Path) -> None:

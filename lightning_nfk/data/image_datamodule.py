@@ -15,7 +15,12 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 class ImageTensorDataset(Dataset):
     """uint8 images (N, C, H, W) and labels, normalised on the fly; optional CIFAR-style
-    augmentation (random 4-pixel-padded crop and horizontal flip)."""
+    augmentation (random 4-pixel-padded crop and horizontal flip).
+
+    With ``indices`` (N,), items are ``(x, y, index)``: the example's position in the
+    split that defines it (for the label budget, its position in the training split), the
+    key of per-example tables such as precomputed distillation targets.
+    """
 
     def __init__(
         self,
@@ -24,15 +29,21 @@ class ImageTensorDataset(Dataset):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         augment: bool = False,
+        indices: Tensor | None = None,
     ) -> None:
         self.images, self.labels, self.augment = images, labels, augment
+        self.indices = indices
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        x, y = self._item(i)
+        return (x, y) if self.indices is None else (x, y, self.indices[i])
+
+    def _item(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.images[i].float().div_(255)
         if self.augment:
             h, w = x.shape[1:]
@@ -98,6 +109,11 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         num_labels: label budget for the semi-supervised protocol (balanced per class,
             seeded); ``labeled_dataset`` holds them.
         augment: random crop and flip on training batches (never on the NFK's data).
+        with_index: items are ``(x, y, index)`` (see :class:`ImageTensorDataset`); needed by
+            per-example tables such as ``NFKDistillationModule(targets="precomputed")``.
+        train_split: what the training loader reads: ``"train"`` (the training split) or
+            ``"labeled"`` (only the label budget, ``num_labels``: the low-label protocol,
+            where a teacher's NFK may still be fitted on the whole unlabelled split).
         normalization: ``"standard"`` (the dataset's mean and std, for classifiers),
             ``"symmetric"`` (to [-1, 1], for GANs with a tanh generator) or ``"none"``
             ([0, 1], for VAEs with a Bernoulli likelihood).
@@ -119,8 +135,14 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         augment: bool = False,
         normalization: Literal["standard", "symmetric", "none"] = "standard",
         seed: int = 0,
+        with_index: bool = False,
+        train_split: Literal["train", "labeled"] = "train",
     ) -> None:
         super().__init__()
+        if train_split not in ("train", "labeled"):
+            raise ValueError(f"`train_split` must be 'train' or 'labeled', got {train_split!r}.")
+        if train_split == "labeled" and num_labels is None:
+            raise ValueError("`train_split='labeled'` needs a label budget: set `num_labels`.")
         if normalization not in ("standard", "symmetric", "none"):
             raise ValueError(
                 f"`normalization` must be 'standard', 'symmetric' or 'none', got {normalization!r}."
@@ -145,7 +167,9 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         self.augment = augment
         self.normalization = normalization
         self.seed = seed
-        self._splits: dict[str, tuple[Tensor, Tensor]] | None = None
+        self.with_index = with_index
+        self.train_split = train_split
+        self._splits: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
 
     @abc.abstractmethod
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -173,11 +197,14 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
                 .sort()
                 .values
             )
-        splits = {"train": (x[train_idx], y[train_idx]), "test": (x_test, y_test)}
+        positions = torch.arange
+        splits = {
+            "train": (x[train_idx], y[train_idx], positions(len(train_idx))),
+            "test": (x_test, y_test, positions(len(x_test))),
+        }
+        val_idx = val_idx.sort().values
         splits["val"] = (
-            (x[val_idx.sort().values], y[val_idx.sort().values])
-            if self.val_size
-            else splits["test"]
+            (x[val_idx], y[val_idx], positions(len(val_idx))) if self.val_size else splits["test"]
         )
         if self.num_labels is not None:
             if self.num_labels > len(train_idx):
@@ -185,18 +212,28 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
                     f"`num_labels` ({self.num_labels}) exceeds the training examples ({len(train_idx)})."
                 )
             labeled = balanced_label_indices(splits["train"][1], self.num_labels, self.seed)
-            splits["labeled"] = (splits["train"][0][labeled], splits["train"][1][labeled])
+            splits["labeled"] = (splits["train"][0][labeled], splits["train"][1][labeled], labeled)
         self._splits = splits
 
-    def dataset(self, split: str, augment: bool = False) -> ImageTensorDataset:
-        """The ``"train"``, ``"val"``, ``"test"`` or ``"labeled"`` split (after ``setup``)."""
+    def dataset(
+        self, split: str, augment: bool = False, with_index: bool | None = None
+    ) -> ImageTensorDataset:
+        """The ``"train"``, ``"val"``, ``"test"`` or ``"labeled"`` split (after ``setup``);
+        ``with_index`` defaults to the module's."""
         if self._splits is None:
             self.setup()
         assert self._splits is not None
         if split not in self._splits:
             raise ValueError(f"No split {split!r}; available: {sorted(self._splits)}.")
-        x, y = self._splits[split]
-        return ImageTensorDataset(x, y, *self.normalization_constants(), augment=augment)
+        x, y, index = self._splits[split]
+        with_index = self.with_index if with_index is None else with_index
+        return ImageTensorDataset(
+            x,
+            y,
+            *self.normalization_constants(),
+            augment=augment,
+            indices=index if with_index else None,
+        )
 
     def normalization_constants(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) applied to images in [0, 1]."""
@@ -223,7 +260,7 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, augment=self.augment)
+        return self._loader(self.train_split, shuffle=True, augment=self.augment)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

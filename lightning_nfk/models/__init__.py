@@ -1,6 +1,7 @@
 """Networks (plain torch), LightningModules, and the NFK protocol that joins them to the callbacks."""
 
 from lightning_nfk.models.classifier import ClassifierModule
+from lightning_nfk.models.distillation import NFKDistillationModule
 from lightning_nfk.models.gan import GANModule
 from lightning_nfk.models.networks import (
     MLP,
@@ -21,6 +22,7 @@ __all__ = [
     "DCGANGenerator",
     "GANModule",
     "LeNet5",
+    "NFKDistillationModule",
     "NFKModule",
     "VAEModule",
     "WideResNet",

@@ -45,6 +45,7 @@ def _small(config: dict, tmp_path: Path) -> dict:
             "val_size": 64,
             "batch_size": 32,
             "normalization": data.get("normalization", "standard"),
+            "with_index": data.get("with_index", False),
         },
     }
     trainer = config["trainer"]
@@ -72,14 +73,22 @@ def _small(config: dict, tmp_path: Path) -> dict:
     model = config["model"]["init_args"]
     if "nfk_num_samples" in model:
         model["nfk_num_samples"] = 64
+    if "teacher" in model:  # distillation: an untrained small teacher, its NFK cached in tmp
+        model["teacher_checkpoint"] = None
+        model["teacher"]["init_args"]["depth"] = 10
+        if "nfk_cache" in model:
+            model.update(nfk_cache=str(tmp_path / "nfk.pt"), n_iter=1)
     return config
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses_as_is(recipe):
     args = ["--config", str(recipe)]
-    if yaml.safe_load(recipe.read_text())["trainer"].get("accelerator") == "gpu":
+    config = yaml.safe_load(recipe.read_text())
+    if config["trainer"].get("accelerator") == "gpu":
         args.append("--trainer.accelerator=cpu")  # GPU recipes: no GPU on this machine
+    if "teacher_checkpoint" in config["model"]["init_args"]:
+        args.append("--model.teacher_checkpoint=null")  # the teacher is not trained here
     cli = build_cli(
         args, run=False
     )  # parses and instantiates model, data module, trainer, callbacks

@@ -1,0 +1,195 @@
+"""NFK distillation at CPU scale: a WRN teacher, then WRN-16-1 students in the three modes
+(nfkd, kd, none) over several seeds, and a low-label row; every run is the recipes' own
+``lightning-nfk fit`` / ``lightning-nfk test`` with command-line overrides.
+
+    python ../shared/data/cifar10_to_folders.py /work/cifar10     # CIFAR-10 (JPEG copy)
+    python experiments/distillation.py --data-dir /work/cifar10 --out /work/exp/distill
+    python experiments/distillation.py --data-dir /work/cifar10 --out /tmp/q --quick
+
+Writes ``OUT/results.json`` (every run: mode, seed, test accuracy, wall time, command)
+after each run, so an interrupted experiment keeps what finished, and skips runs whose
+result is already there. ``--quick``: a 1000-image subset, 1 epoch, n_iter 1 (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+
+def metrics(run_dir: Path, name: str) -> dict[str, float]:
+    """The last value of each metric in the newest CSV log of ``name``."""
+    versions = sorted(
+        (run_dir / "lightning_logs" / name).glob("version_*"),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    out: dict[str, float] = {}
+    with open(versions[-1] / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return out
+
+
+def cli(run_dir: Path, args: list[str], log: Path) -> float:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write("$ lightning-nfk " + " ".join(args) + "\n")
+        f.flush()
+        subprocess.run(
+            ["lightning-nfk", *args], cwd=run_dir, stdout=f, stderr=subprocess.STDOUT, check=True
+        )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="CIFAR-10 image-folder tree")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--train-subset", type=int, default=10000)
+    p.add_argument("--val-size", type=int, default=2000)
+    p.add_argument("--teacher-depth", type=int, default=16)
+    p.add_argument("--teacher-width", type=int, default=2)
+    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--modes", nargs="+", default=["nfkd", "kd", "student"])
+    p.add_argument("--n-iter", type=int, default=3)
+    p.add_argument("--low-label", type=int, default=1000, help="0: no low-label row")
+    p.add_argument("--low-label-epochs", type=int, default=40)
+    p.add_argument("--low-label-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for the students")
+    p.add_argument("--tag", default="", help="suffix of the run names (sweeps)")
+    a = p.parse_args()
+    if a.quick:
+        a.train_subset, a.val_size, a.teacher_epochs, a.epochs = 1000, 500, 1, 1
+        a.n_iter, a.seeds, a.low_label, a.low_label_epochs = 1, [0], 200, 1
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    log = out / "log.txt"
+    data = [
+        f"--data.data_dir={Path(a.data_dir).resolve()}",
+        f"--data.train_subset={a.train_subset}",
+        f"--data.val_size={a.val_size}",
+        "--data.num_workers=0",
+    ]
+    common = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
+
+    def milestones(epochs: int) -> str:  # the paper's 150/200 of 250 epochs
+        return (
+            f"--model.scheduler.init_args.milestones=[{round(0.6 * epochs)},{round(0.8 * epochs)}]"
+        )
+
+    def record(key: str, entry: dict) -> None:
+        results[key] = entry
+        results_path.write_text(json.dumps(results, indent=1))
+
+    # -- teacher --------------------------------------------------------------------------------
+    teacher_dir = out / "teacher"
+    teacher_args = [
+        "--config",
+        str(RECIPES / "cifar10_wrn40_2_teacher.yaml"),
+        *common,
+        f"--trainer.max_epochs={a.teacher_epochs}",
+        f"--model.net.init_args.depth={a.teacher_depth}",
+        f"--model.net.init_args.widen_factor={a.teacher_width}",
+        milestones(a.teacher_epochs),
+        *data,
+    ]
+    teacher_ckpt = teacher_dir / "lightning_logs/cifar10_wrn40_2_teacher/checkpoints/last.ckpt"
+    if "teacher" not in results:
+        seconds = 0.0 if teacher_ckpt.exists() else cli(teacher_dir, ["fit", *teacher_args], log)
+        cli(teacher_dir, ["test", *teacher_args, "--ckpt_path=last"], log)
+        m = metrics(teacher_dir, "cifar10_wrn40_2_teacher")
+        record(
+            "teacher",
+            {
+                "net": f"WRN-{a.teacher_depth}-{a.teacher_width}",
+                "test_acc": m["test/acc"],
+                "seconds": seconds,
+                "command": "lightning-nfk fit " + " ".join(teacher_args),
+            },
+        )
+    print("teacher", results["teacher"], flush=True)
+
+    # -- students -------------------------------------------------------------------------------
+    cache = out / f"nfk_cache_k20_n{a.n_iter}.pt"
+
+    def student(mode: str, seed: int, extra: list[str], epochs: int, row: str) -> None:
+        key = f"{row}/{mode}{a.tag}/seed{seed}"
+        if key in results:
+            return
+        run_dir = out / row / f"{mode}{a.tag}" / f"seed{seed}"
+        args = [
+            "--config",
+            str(RECIPES / f"cifar10_wrn16_1_{mode}.yaml"),
+            *common,
+            f"--seed_everything={seed}",
+            f"--trainer.max_epochs={epochs}",
+            milestones(epochs),
+            f"--model.teacher.init_args.depth={a.teacher_depth}",
+            f"--model.teacher.init_args.widen_factor={a.teacher_width}",
+            f"--model.teacher_checkpoint={teacher_ckpt}",
+            *data,
+            *extra,
+        ]
+        if mode == "nfkd":
+            args += [f"--model.nfk_cache={cache}", f"--model.n_iter={a.n_iter}"]
+        args += a.extra if mode == "nfkd" else []
+        seconds = cli(run_dir, ["fit", *args], log)
+        cli(run_dir, ["test", *args, "--ckpt_path=last"], log)
+        m = metrics(run_dir, f"cifar10_wrn16_1_{mode}")
+        record(
+            key,
+            {
+                "mode": mode,
+                "seed": seed,
+                "test_acc": m["test/acc"],
+                "val_acc": m.get("val/acc"),
+                "target_r2": m.get("nfkd/target_r2"),
+                "seconds": seconds,
+                "command": "lightning-nfk fit " + " ".join(args),
+            },
+        )
+        print(key, results[key]["test_acc"], f"{seconds:.0f} s", flush=True)
+
+    for seed in a.seeds:
+        for mode in a.modes:
+            student(mode, seed, [], a.epochs, "full")
+    if a.low_label:
+        low = [
+            f"--data.num_labels={a.low_label}",
+            "--data.train_split=labeled",
+            "--trainer.check_val_every_n_epoch=5",
+        ]
+        for seed in a.low_label_seeds:
+            for mode in a.modes:
+                student(mode, seed, low, a.low_label_epochs, f"labels{a.low_label}")
+
+    # -- summary --------------------------------------------------------------------------------
+    rows: dict[str, list[float]] = {}
+    for key, r in results.items():
+        if key != "teacher":
+            rows.setdefault(key.rsplit("/", 1)[0], []).append(100 * r["test_acc"])
+    print(f"teacher {results['teacher']['net']}: {100 * results['teacher']['test_acc']:.2f}")
+    for name, accs in rows.items():
+        sd = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        print(f"{name}: {statistics.mean(accs):.2f} +- {sd:.2f} (n={len(accs)})")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

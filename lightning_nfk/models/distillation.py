@@ -1,0 +1,427 @@
+"""Knowledge distillation from a frozen teacher: NFKD (the teacher's low-rank NFK
+embeddings as targets), Hinton's KD, and the student alone, in one LightningModule.
+
+Zhang et al., ICLR 2022, Sec. 4.2 and Appendix D.2 (Eq. 16):
+
+.. math::
+
+    L(x, y) = \\alpha\\,\\mathrm{CE}(f_s(x), y) + (1 - \\alpha)\\,L_t(h_s(x), Q_t(x)),
+
+with :math:`Q_t(x)` the teacher's k-dimensional NFK embedding and :math:`h_s` a head on
+the student's penultimate features. See docs/design.md, section 8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import CosineSimilarity, R2Score
+from typing_extensions import override
+
+from lightning_nfk.kernel import ClassifierEnergy, Energy, NFKConfig, check_int
+from lightning_nfk.models.teacher_targets import TeacherTargets, fit_or_load
+from lightning_nfk.trainer_utils import check_strategy
+
+Mode = Literal["nfkd", "kd", "none"]
+_CHECKPOINT_KEY = "nfk_distillation_targets"
+
+
+class NFKDistillationModule(pl.LightningModule):
+    """Train ``student`` on labels and a frozen ``teacher``'s knowledge.
+
+    Modes (the three columns of the paper's Table 3 under one schedule):
+
+    * ``"nfkd"``: :math:`\\alpha\\,\\mathrm{CE} + (1 - \\alpha)\\,L_t(h_s(x), Q_t(x))`,
+      :math:`Q_t(x) = e(x) = V_x P` the teacher's rank-``k`` NFK embedding (classifier
+      energy, centred and normalised on the un-augmented training split); ``L_t`` the mean
+      squared error (``"mse"``) or one minus the cosine similarity (``"cosine"``);
+    * ``"kd"``: Hinton et al. (2015),
+      :math:`\\alpha\\,\\mathrm{CE} + (1 - \\alpha)\\,T^2\\,\\mathrm{KL}(p_t^T \\| p_s^T)`;
+    * ``"none"``: the student alone (cross-entropy).
+
+    The teacher is frozen: its parameters do not require grad, are outside the optimizer,
+    and it stays in eval mode (``train()`` never switches it). Its NFK is fitted at the start
+    of ``fit`` (``on_fit_start``, before any training step), or read from ``nfk_cache``.
+
+    Targets (``targets``):
+
+    * ``"precomputed"``: the embeddings of the training split's clean images, taken from
+      the fit's last pass and looked up by example index (the data module must return
+      ``(x, y, index)``: ``with_index=True``). Under augmentation the target of an augmented
+      image is its clean image's embedding. Costs nothing per step; memory N x k.
+    * ``"online"``: :math:`e(x)` of each augmented batch, through the teacher's per-example
+      gradients (one k-column product per batch; the components, |theta_t| x k, stay in
+      memory). Costs about one teacher backward per example per step.
+
+    Target scaling (``target_scaling``): ``"standardize"`` divides component i by its root
+    mean square over the fitting set, :math:`\\sigma_i / \\sqrt{N}`, so that every
+    component weighs the same in the loss; ``"raw"`` keeps :math:`e(x)`, whose first
+    component dwarfs the k-th (the loss then mostly fits the top few).
+
+    A checkpoint holds the student, the head, the (frozen) teacher and, in precomputed
+    mode, the target tables (N x k and N_val x k floats); not the teacher's NFK
+    components. Resuming a precomputed run reads the tables from the checkpoint; an
+    online run fits again (or reads ``nfk_cache``).
+
+    The module implements the NFK protocol for the student (``nfk_energy``), so
+    :class:`~lightning_nfk.callbacks.NFKSpectrumCallback` and
+    :class:`~lightning_nfk.callbacks.LinearProbeCallback` observe the student.
+
+    Args:
+        student: a classifier with ``features(x) -> (B, d)`` (penultimate features) and a
+            linear classifier ``fc`` with ``fc(features(x)) == student(x)``, as
+            :class:`~lightning_nfk.models.WideResNet`.
+        teacher: the teacher network (logits ``(B, num_classes)``).
+        teacher_checkpoint: a file with the teacher's weights: a
+            :class:`~lightning_nfk.models.ClassifierModule` checkpoint (``net.*`` keys), a
+            Lightning checkpoint of any module whose keys end in the teacher's, or a plain
+            ``state_dict``; loaded at construction.
+        mode: ``"nfkd"``, ``"kd"`` or ``"none"``.
+        num_classes: number of classes.
+        alpha: weight of the cross-entropy; default 0.5 for ``"nfkd"`` and 0.1 for
+            ``"kd"`` (the KD repositories' 0.1 CE + 0.9 KD); 1 for ``"none"``.
+        k: NFK components (the paper: 20).
+        teacher_loss: ``"mse"`` or ``"cosine"``.
+        target_scaling: ``"standardize"`` or ``"raw"``.
+        head: the prediction head :math:`h_s` (d -> k); default ``nn.Linear(d, k)``.
+        targets: ``"precomputed"`` or ``"online"``.
+        temperature: the KD temperature T.
+        n_iter: power iterations of the teacher's NFK fit (the paper: 10).
+        oversample: extra columns of the randomized SVD.
+        nfk_seed: seed of the randomized SVD.
+        nfk_batch_size: examples per batch when reading the fitting data.
+        chunk_size: examples per per-example-gradient block (default: from the memory
+            budget); lower it to save memory on a large teacher.
+        nfk_cache: a file keeping the teacher's fitted NFK and tables across runs (seeds,
+            baselines): read when it matches the teacher's weights, the NFK settings and the
+            fitting data, else written after the fit.
+        optimizer: an optimizer factory, given the student's and the head's parameters.
+        scheduler: an optional scheduler factory (stepped every epoch).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        teacher_checkpoint: str | None = None,
+        mode: Mode = "nfkd",
+        num_classes: int = 10,
+        alpha: float | None = None,
+        k: int = 20,
+        teacher_loss: Literal["mse", "cosine"] = "mse",
+        target_scaling: Literal["standardize", "raw"] = "standardize",
+        head: nn.Module | None = None,
+        targets: Literal["precomputed", "online"] = "precomputed",
+        temperature: float = 4.0,
+        n_iter: int = 10,
+        oversample: int = 10,
+        nfk_seed: int = 0,
+        nfk_batch_size: int = 256,
+        chunk_size: int | None = None,
+        nfk_cache: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("mode", mode, ("nfkd", "kd", "none"))
+        _check_choice("teacher_loss", teacher_loss, ("mse", "cosine"))
+        _check_choice("target_scaling", target_scaling, ("standardize", "raw"))
+        _check_choice("targets", targets, ("precomputed", "online"))
+        check_int("num_classes", num_classes, 2)
+        check_int("nfk_batch_size", nfk_batch_size, 1)
+        if alpha is None:
+            alpha = {"nfkd": 0.5, "kd": 0.1, "none": 1.0}[mode]
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+        if mode == "none" and alpha != 1.0:
+            raise ValueError(f"`alpha` must be 1 (or None) for mode='none', got {alpha!r}.")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+        for name, net in (("student", student), ("teacher", teacher)):
+            if not isinstance(net, nn.Module):
+                raise TypeError(f"`{name}` must be an nn.Module, got {type(net).__name__}.")
+        fc = getattr(student, "fc", None)
+        if not (callable(getattr(student, "features", None)) and isinstance(fc, nn.Linear)):
+            raise TypeError(
+                f"`student` ({type(student).__name__}) must have a method `features(x) -> "
+                "(B, d)` and a linear classifier `fc` applied to them, as WideResNet has."
+            )
+        # validated here, before any data is read (k, n_iter, oversample, seed, chunk_size)
+        self.nfk_config = NFKConfig(
+            k=k, oversample=oversample, n_iter=n_iter, seed=nfk_seed, chunk_size=chunk_size
+        )
+        self.save_hyperparameters(ignore=["student", "teacher", "head", "optimizer", "scheduler"])
+        self.student, self.teacher = student, teacher
+        if teacher_checkpoint is not None:
+            load_teacher_weights(teacher, teacher_checkpoint)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        self.mode, self.alpha, self.temperature = mode, float(alpha), float(temperature)
+        self.teacher_loss, self.target_scaling, self.targets = teacher_loss, target_scaling, targets
+        self.nfk_batch_size, self.nfk_cache = nfk_batch_size, nfk_cache
+        self.num_classes = num_classes
+        self.head = None
+        if mode == "nfkd":
+            self.head = head if head is not None else nn.Linear(fc.in_features, k)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        if mode == "nfkd":
+            self.val_r2 = R2Score(multioutput="variance_weighted")
+            self.val_cos = CosineSimilarity(reduction="mean")
+        self.teacher_targets = TeacherTargets(teacher, self.nfk_config)
+        self._restored_tables: dict[str, Any] | None = None
+
+    # -- the NFK protocol (the student's kernel) ------------------------------------------------
+    def nfk_energy(self) -> Energy:
+        return ClassifierEnergy(self.student)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.student(x)
+
+    @override
+    def train(self, mode: bool = True) -> NFKDistillationModule:
+        super().train(mode)
+        self.teacher.eval()  # always: BatchNorm statistics and dropout of the teacher frozen
+        return self
+
+    # -- set-up: checks before anything expensive, then the teacher's NFK ----------------------
+    @override
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(self.trainer, type(self).__name__)
+        dm = self.trainer.datamodule
+        dataset = getattr(dm, "dataset", None) if dm is not None else None
+        if self.mode == "nfkd" and not callable(dataset):
+            raise ValueError(
+                "NFKDistillationModule(mode='nfkd') fits the teacher's NFK on the un-augmented "
+                "training split: pass a data module with a `dataset(split)` method (the "
+                "lightning_nfk.data modules have one) to `fit`, not bare loaders."
+            )
+        if callable(dataset):
+            train_set = dataset("train")
+            self._check_classes(train_set)
+            if self.mode == "nfkd":
+                self._check_fitting_set(train_set)
+                if self.targets == "precomputed":
+                    _check_index(train_set, "training")
+
+    def _check_classes(self, dataset: Any) -> None:
+        item = dataset[0]
+        x = (item[0] if isinstance(item, (tuple, list)) else item)[None]
+        x = x.to(self.device, next(self.student.parameters()).dtype)
+        modes = [(m, m.training) for m in self.student.modules()]
+        try:
+            self.student.eval()
+            with torch.no_grad():
+                widths = {
+                    "student": self.student(x).shape[-1],
+                    "teacher": self.teacher(x).shape[-1],
+                }
+        finally:
+            for m, training in modes:
+                m.training = training
+        wrong = {who: w for who, w in widths.items() if w != self.num_classes}
+        if wrong:
+            raise ValueError(
+                f"`num_classes` is {self.num_classes}, but the "
+                + " and the ".join(f"{who} has {w} outputs" for who, w in wrong.items())
+                + ": teacher and student must classify the same classes."
+            )
+
+    def _check_fitting_set(self, dataset: Any) -> None:
+        n = len(dataset)
+        p = sum(q.numel() for q in self.teacher.parameters())
+        if self.nfk_config.columns > min(n, p):
+            raise ValueError(
+                f"`k` + `oversample` ({self.nfk_config.k} + {self.nfk_config.oversample}) must "
+                f"not exceed min(training examples, teacher parameters) = min({n}, {p}): lower "
+                "`k` or `oversample`, or train on more examples."
+            )
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.mode != "nfkd":
+            return
+        if self._restored_tables is not None and self.targets == "precomputed":
+            self.teacher_targets.load_tables(self._restored_tables)  # resumed: no refit
+            return
+        dm = self.trainer.datamodule
+        try:
+            val_set = dm.dataset("val")
+        except ValueError:  # a data module without a validation split
+            val_set = None
+        how = fit_or_load(
+            self.teacher_targets,
+            self.trainer,
+            dm.dataset("train"),
+            val_set,
+            self.nfk_batch_size,
+            self.nfk_cache,
+        )
+        if how == "fit":
+            self.print(f"Teacher NFK fitted in {self.teacher_targets.seconds:.1f} s.")
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.student.features(x)
+        return features, self.student.fc(features)
+
+    def _scaled_targets(self, batch: Any, table: Tensor | None) -> Tensor:
+        x = batch[0]
+        tt = self.teacher_targets
+        q = table[batch[2].cpu()] if table is not None and len(batch) > 2 else tt.embed(x)
+        q = q.to(x.device, torch.float32)
+        if self.target_scaling == "standardize":
+            assert tt.rms is not None
+            q = q / tt.rms.to(q.device).clamp_min(torch.finfo(q.dtype).tiny)
+        return q
+
+    def _teacher_term(self, h: Tensor, q: Tensor) -> Tensor:
+        if self.teacher_loss == "mse":
+            return F.mse_loss(h, q)
+        return (1 - F.cosine_similarity(h, q, dim=1)).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        features, logits = self._forward(x)
+        ce = F.cross_entropy(logits, y)
+        self.log("train/ce", ce)
+        loss = ce
+        if self.mode == "kd":
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+            t = self.temperature
+            kd = F.kl_div(
+                F.log_softmax(logits / t, dim=1),
+                F.log_softmax(teacher_logits / t, dim=1),
+                log_target=True,
+                reduction="batchmean",
+            ) * (t * t)
+            self.log("train/kd", kd)
+            loss = self.alpha * ce + (1 - self.alpha) * kd
+        elif self.mode == "nfkd":
+            table = self.teacher_targets.train if self.targets == "precomputed" else None
+            assert self.head is not None
+            q = self._scaled_targets(batch, table)
+            nfkd = self._teacher_term(self.head(features), q)
+            self.log("train/nfkd", nfkd)
+            loss = self.alpha * ce + (1 - self.alpha) * nfkd
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        features, logits = self._forward(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        if self.mode == "nfkd" and self.teacher_targets.is_ready:
+            assert self.head is not None
+            table = self.teacher_targets.val
+            if table is None and self.targets == "precomputed":
+                return  # no validation targets (no val split at fit start)
+            q = self._scaled_targets(batch, table)
+            h = self.head(features)
+            self.val_r2(h, q)
+            self.val_cos(h, q)
+            self.log("nfkd/target_r2", self.val_r2)
+            self.log("nfkd/target_cos", self.val_cos)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self.student(x)
+        self.test_acc(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self):
+        params = list(self.student.parameters())
+        if self.head is not None:
+            params += list(self.head.parameters())
+        optimizer = self.optimizer(params)
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.mode == "nfkd" and self.targets == "precomputed" and self.teacher_targets.is_ready:
+            checkpoint[_CHECKPOINT_KEY] = self.teacher_targets.tables()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_tables = checkpoint.get(_CHECKPOINT_KEY)
+        if self._restored_tables is not None:
+            self.teacher_targets.load_tables(self._restored_tables)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def _check_index(dataset: Any, what: str) -> None:
+    item = dataset[0]
+    index = item[2] if isinstance(item, (tuple, list)) and len(item) > 2 else None
+    ok = index is not None and (
+        isinstance(index, int) or (isinstance(index, Tensor) and index.numel() == 1)
+    )
+    if not ok:
+        raise ValueError(
+            f"targets='precomputed' looks targets up by example index, but items of the {what} "
+            "split are not (x, y, index): set `with_index: true` on the data module (or return "
+            "the index as the third element), or use targets='online'."
+        )
+
+
+def load_teacher_weights(teacher: nn.Module, path: str | Path) -> None:
+    """Load ``path`` into ``teacher``: a Lightning checkpoint (its ``state_dict``) whose keys
+    are the teacher's under a prefix (``net.`` for ClassifierModule), or a plain state dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: keys that do not match the teacher, or other shapes (e.g. another
+            number of classes), naming them.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"`teacher_checkpoint` {str(path)!r} does not exist.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    wanted = teacher.state_dict()
+    prefixes = sorted(
+        {key[: len(key) - len(w)] for key in state for w in wanted if key.endswith(w)}
+    )
+    for prefix in [""] + [p for p in prefixes if p]:
+        candidate = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(candidate) == set(wanted):
+            break
+    else:
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} does not hold the teacher's weights: none of "
+            f"its key prefixes {prefixes or ['']} gives exactly the keys of "
+            f"{type(teacher).__name__} (e.g. {next(iter(wanted))!r})."
+        )
+    shapes = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(wanted[k].shape)} in the teacher"
+        for k, v in candidate.items()
+        if v.shape != wanted[k].shape
+    ]
+    if shapes:
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} does not fit the teacher (another number of "
+            f"classes or another architecture?): {'; '.join(shapes[:3])}."
+        )
+    teacher.load_state_dict(candidate)
