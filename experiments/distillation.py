@@ -28,15 +28,17 @@ RECIPES = ROOT / "recipes"
 
 
 def metrics(run_dir: Path, name: str) -> dict[str, float]:
-    """The last value of each metric in the newest CSV log of ``name``."""
+    """The last value of each metric over the CSV logs of ``name`` in version order (the
+    fit's, then the test's)."""
     versions = sorted(
         (run_dir / "lightning_logs" / name).glob("version_*"),
         key=lambda p: int(p.name.split("_")[1]),
     )
     out: dict[str, float] = {}
-    with open(versions[-1] / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    for version in versions:
+        with open(version / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return out
 
 

@@ -44,6 +44,10 @@ class CIFAR10DataModule(ImageDataModule):
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
+    def prepare_data(self) -> None:
+        if not has_image_folders(self.data_dir):  # a tree is read once, at setup
+            super().prepare_data()
+
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         if has_image_folders(self.data_dir):
             folder = Path(self.data_dir) / ("train" if train else "test")

@@ -43,8 +43,8 @@ class ClassifierModule(pl.LightningModule):
     def nfk_energy(self) -> Energy:
         return ClassifierEnergy(self.net)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
@@ -52,15 +52,15 @@ class ClassifierModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
         self.val_acc(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
         self.val_acc(logits, y)
         self.log("test/acc", self.val_acc)

@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import CosineSimilarity, R2Score
@@ -55,7 +56,8 @@ class NFKDistillationModule(pl.LightningModule):
     * ``"precomputed"``: the embeddings of the training split's clean images, taken from
       the fit's last pass and looked up by example index (the data module must return
       ``(x, y, index)``: ``with_index=True``). Under augmentation the target of an augmented
-      image is its clean image's embedding. Costs nothing per step; memory N x k.
+      image is its clean image's embedding. Costs nothing per step; memory N x k (the
+      teacher's NFK components are dropped after the fit).
     * ``"online"``: :math:`e(x)` of each augmented batch, through the teacher's per-example
       gradients (one k-column product per batch; the components, |theta_t| x k, stay in
       memory). Costs about one teacher backward per example per step.
@@ -169,7 +171,11 @@ class NFKDistillationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.head = None
         if mode == "nfkd":
-            self.head = head if head is not None else nn.Linear(fc.in_features, k)
+            if head is None:  # seeded aside: the global RNG stream is the same in every mode
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(nfk_seed)
+                    head = nn.Linear(fc.in_features, k)
+            self.head = head
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -252,10 +258,14 @@ class NFKDistillationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.mode != "nfkd":
             return
-        if self._restored_tables is not None and self.targets == "precomputed":
-            self.teacher_targets.load_tables(self._restored_tables)  # resumed: no refit
-            return
         dm = self.trainer.datamodule
+        if self._restored_tables is not None and self.targets == "precomputed":
+            if self.teacher_targets.matches(dm.dataset("train")):
+                return  # resumed: the tables came with the checkpoint, no refit
+            rank_zero_warn(
+                "The checkpoint's distillation targets were fitted on another training split "
+                "(size or content differ): fitting the teacher's NFK again."
+            )
         try:
             val_set = dm.dataset("val")
         except ValueError:  # a data module without a validation split
@@ -270,6 +280,8 @@ class NFKDistillationModule(pl.LightningModule):
         )
         if how == "fit":
             self.print(f"Teacher NFK fitted in {self.teacher_targets.seconds:.1f} s.")
+        if self.targets == "precomputed":
+            self.teacher_targets.release_components()  # only the tables are needed
 
     # -- steps -----------------------------------------------------------------------------------
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -277,9 +289,19 @@ class NFKDistillationModule(pl.LightningModule):
         return features, self.student.fc(features)
 
     def _scaled_targets(self, batch: Any, table: Tensor | None) -> Tensor:
+        """The batch's targets: looked up in ``table`` by index, or (``table`` None)
+        computed from the batch's images."""
         x = batch[0]
         tt = self.teacher_targets
-        q = table[batch[2].cpu()] if table is not None and len(batch) > 2 else tt.embed(x)
+        if table is None:
+            q = tt.embed(x)
+        elif len(batch) > 2:
+            q = table[batch[2].cpu()]
+        else:
+            raise ValueError(
+                "targets='precomputed' needs batches (x, y, index): set `with_index: true` "
+                "on the data module."
+            )
         q = q.to(x.device, torch.float32)
         if self.target_scaling == "standardize":
             assert tt.rms is not None
@@ -330,9 +352,9 @@ class NFKDistillationModule(pl.LightningModule):
         if self.mode == "nfkd" and self.teacher_targets.is_ready:
             assert self.head is not None
             table = self.teacher_targets.val
-            if table is None and self.targets == "precomputed":
-                return  # no validation targets (no val split at fit start)
-            q = self._scaled_targets(batch, table)
+            if self.targets == "precomputed" and (table is None or len(batch) < 3):
+                return  # no validation targets (no val split at fit start, or no index)
+            q = self._scaled_targets(batch, table if len(batch) > 2 else None)
             h = self.head(features)
             self.val_r2(h, q)
             self.val_cos(h, q)
@@ -398,22 +420,35 @@ def load_teacher_weights(teacher: nn.Module, path: str | Path) -> None:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"`teacher_checkpoint` {str(path)!r} does not exist.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or pickled objects beyond weights
+        raise ValueError(f"`teacher_checkpoint` {str(path)!r} cannot be read: {e}") from e
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"`teacher_checkpoint` {str(path)!r} holds no state dict.")
     wanted = teacher.state_dict()
     prefixes = sorted(
         {key[: len(key) - len(w)] for key in state for w in wanted if key.endswith(w)}
     )
+    exact = []
     for prefix in [""] + [p for p in prefixes if p]:
         candidate = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if set(candidate) == set(wanted):
-            break
-    else:
+            exact.append((prefix, candidate))
+    if len(exact) > 1:
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} holds several networks with the teacher's "
+            f"keys (prefixes {[p for p, _ in exact]}); save the teacher alone (its "
+            "`state_dict()`) and pass that file."
+        )
+    if not exact:
         raise ValueError(
             f"`teacher_checkpoint` {str(path)!r} does not hold the teacher's weights: none of "
             f"its key prefixes {prefixes or ['']} gives exactly the keys of "
             f"{type(teacher).__name__} (e.g. {next(iter(wanted))!r})."
         )
+    candidate = exact[0][1]
     shapes = [
         f"{k}: {tuple(v.shape)} in the file, {tuple(wanted[k].shape)} in the teacher"
         for k, v in candidate.items()

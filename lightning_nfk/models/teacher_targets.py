@@ -16,6 +16,8 @@ is used only when the teacher's weights, the NFK settings and the fitting data m
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,18 @@ from lightning_nfk.trainer_utils import (
 
 _CACHE_VERSION = 1
 _FINGERPRINT_ITEMS = 16
+# the settings the targets depend on (not chunk_size or memory_budget: how, not what)
+_TARGET_SETTINGS = ("k", "oversample", "n_iter", "damping", "dtype", "seed")
+
+
+def settings_differ(saved: dict[str, Any], config: NFKConfig) -> list[str]:
+    """The NFK settings, among those the targets depend on, that differ from ``saved``."""
+    current = config.as_dict()
+    return [
+        f"{name}={saved.get(name)!r} (now {current[name]!r})"
+        for name in _TARGET_SETTINGS
+        if saved.get(name) != current[name]
+    ]
 
 
 @contextlib.contextmanager
@@ -126,13 +140,14 @@ class TeacherTargets:
         return self.train is not None
 
     def embed(self, x: Tensor) -> Tensor:
-        """Online targets: :math:`e(x) = V_x P` of a batch (no collective)."""
+        """Online targets: :math:`e(x) = V_x P` of a batch (no collective), in the fit's
+        precision whatever autocast is active."""
         if self.nfk is None:
             raise RuntimeError(
-                "The teacher's NFK is not available (restored from a checkpoint without it): "
-                "online targets need a fit or an `nfk_cache`."
+                "The teacher's NFK components are not held (precomputed targets keep only "
+                "the tables): online targets need targets='online' or an `nfk_cache`."
             )
-        with trainable(self.teacher):
+        with trainable(self.teacher), torch.autocast(x.device.type, enabled=False):
             return self.nfk.transform(x)
 
     # -- checkpoint and cache ------------------------------------------------------------------
@@ -147,13 +162,30 @@ class TeacherTargets:
         }
 
     def load_tables(self, state: dict[str, Any]) -> None:
-        if NFKConfig.from_dict(state["config"]) != self.config:
+        """Restore :meth:`tables` (from a checkpoint).
+
+        Raises:
+            ValueError: tables fitted with other ``k``, ``n_iter``, ... than this module's.
+        """
+        differ = settings_differ(state["config"], self.config)
+        if differ:
             raise ValueError(
-                "The checkpoint's distillation targets were fitted with other NFK settings "
-                f"({state['config']}) than this module's ({self.config.as_dict()})."
+                "The checkpoint's distillation targets were fitted with other NFK settings: "
+                f"{', '.join(differ)}. Resume with the settings of the run that wrote it, or "
+                "start a new run."
             )
         self.train, self.val, self.rms = state["train"], state["val"], state["rms"]
         self.fingerprint = state["fingerprint"]
+
+    def matches(self, train_set: Any) -> bool:
+        """Whether the tables were fitted on ``train_set`` (its size and fingerprint)."""
+        return self.fingerprint is not None and torch.allclose(
+            self.fingerprint, data_fingerprint(train_set), rtol=1e-9, atol=0
+        )
+
+    def release_components(self) -> None:
+        """Drop the fitted NFK (|theta_t| x k components), when only the tables are needed."""
+        self.nfk = None
 
     def save(self, path: str | Path) -> None:
         """The fitted NFK (components included) and the tables, for later runs."""
@@ -161,9 +193,14 @@ class TeacherTargets:
         state = {"version": _CACHE_VERSION, "nfk": self.nfk.state_dict(), **self.tables()}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # atomic: a reader never sees half a file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def load(self, path: str | Path, train_set: Any) -> str | None:
         """Load a cache written by :meth:`save`; returns why it does not apply (and loads
@@ -174,19 +211,23 @@ class TeacherTargets:
             return f"unreadable ({type(e).__name__}: {e})"
         if not isinstance(state, dict) or state.get("version") != _CACHE_VERSION:
             return "not a cache of this version"
-        if NFKConfig.from_dict(state["config"]) != self.config:
-            return f"other NFK settings ({state['config']})"
+        differ = settings_differ(state["config"], self.config)
+        if differ:
+            return f"other NFK settings ({', '.join(differ)})"
         fingerprint = data_fingerprint(train_set)
         if not torch.allclose(state["fingerprint"], fingerprint, rtol=1e-9, atol=0):
             return "another fitting set (size or content differ)"
-        current = {n: p.detach().cpu() for n, p in self.teacher.named_parameters()}
-        saved = {n.removeprefix("net."): t for n, t in state["nfk"]["theta"].items()}
+        current = {n: t.detach().cpu() for n, t in self.teacher.state_dict().items()}
+        saved = {
+            n.removeprefix("net."): t
+            for n, t in {**state["nfk"]["theta"], **state["nfk"]["constants"]}.items()
+        }
         if set(saved) != set(current) or any(
             saved[n].shape != current[n].shape
             or not torch.equal(saved[n], current[n].to(saved[n].dtype))
             for n in current
         ):
-            return "another teacher (its weights differ)"
+            return "another teacher (its weights or BatchNorm statistics differ)"
         with trainable(self.teacher):
             nfk = LowRankNFK(ClassifierEnergy(self.teacher), self.config)
             nfk.load_state_dict(state["nfk"])
@@ -203,17 +244,31 @@ def fit_or_load(
     batch_size: int,
     cache: str | None,
 ) -> str:
-    """Fill ``targets`` from ``cache`` when it applies, else fit (and write the cache on rank
-    zero). Returns ``"cache"`` or ``"fit"``."""
+    """Fill ``targets`` from ``cache`` when it applies on every rank, else fit on every rank
+    (and write the cache on rank zero; a failed write is a warning). Returns ``"cache"`` or
+    ``"fit"``. Every rank takes the same branch: the decision is summed over the ranks, so
+    a rank that cannot read the file (a node-local disk, a concurrent writer) makes all
+    fit, never some fit while others wait."""
+    why = "no file"
     if cache is not None and Path(cache).exists():
         why = targets.load(cache, train_set)
-        if why is None:
+    if cache is not None:
+        loaded = torch.tensor([float(why is None)], device=trainer.strategy.root_device)
+        if strategy_sum(trainer)(loaded).item() == trainer.world_size:
             return "cache"
-        rank_zero_warn(f"`nfk_cache` {cache!r} does not apply: {why}. Fitting again.")
+        if why != "no file":
+            rank_zero_warn(
+                f"`nfk_cache` {cache!r} does not apply"
+                + (f": {why}" if why else " on every process")
+                + ". Fitting again."
+            )
     targets.fit(trainer, train_set, val_set, batch_size)
     if cache is not None:
         if trainer.global_rank == 0:
-            targets.save(cache)
+            try:
+                targets.save(cache)
+            except OSError as e:  # every rank must still reach the barrier
+                rank_zero_warn(f"Could not write `nfk_cache` {cache!r}: {e}")
         trainer.strategy.barrier("nfk_cache")
     return "fit"
 

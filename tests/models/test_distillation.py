@@ -142,9 +142,10 @@ def test_precomputed_targets_are_the_teachers_embeddings():
     x, _ = stack_items(train, torch.arange(len(train)))
     table = m.teacher_targets.train
     assert table.shape == (128, 4)  # 160 images, 32 held out for validation
-    # the module's own NFK: the table is e(x) = V_x P, by index
-    assert _close(table, m.teacher_targets.embed(x))
-    # an independent fit of the same teacher on the stacked images, same settings
+    assert m.teacher_targets.nfk is None  # precomputed: the components are not kept
+    # an independent fit of the same teacher on the stacked images, same settings; the
+    # same algorithm with the rows chunked differently: n_iter = 2 leaves the Ritz vectors
+    # sensitive to round-off, hence 1e4 eps (signs: components are defined up to sign)
     with trainable(m.teacher):
         nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.nfk_config).fit(x)
     reference = nfk.transform(x)
@@ -152,7 +153,8 @@ def test_precomputed_targets_are_the_teachers_embeddings():
     # validation targets: the same NFK on the validation split
     val = dm.dataset("val")
     xv, _ = stack_items(val, torch.arange(len(val)))
-    assert _close(m.teacher_targets.val, m.teacher_targets.embed(xv))
+    reference_val = nfk.transform(xv)
+    assert _close(_align_signs(m.teacher_targets.val, reference_val), reference_val, factor=1e4)
     # standardised targets have unit mean square per component over the fitting set
     rms = m.teacher_targets.rms
     assert torch.allclose((table / rms).square().mean(dim=0), torch.ones(4), rtol=1e-4)
@@ -170,11 +172,17 @@ def test_online_targets_equal_precomputed_on_clean_images():
     assert _close(q_online, q_pre)
 
 
-def test_cache_is_reused_and_refused_for_another_teacher(tmp_path):
+def test_cache_is_reused_and_refused_for_another_teacher(tmp_path, monkeypatch):
     cache = tmp_path / "nfk.pt"
-    first, _dm = _fitted(nfk_cache=str(cache))
+    first, _ = _fitted("online", nfk_cache=str(cache))
     assert cache.exists() and first.teacher_targets.nfk is not None
-    second, _ = _fitted(nfk_cache=str(cache))
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again although the cache applies")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("lightning_nfk.models.teacher_targets.TeacherTargets.fit", no_fit)
+        second, _ = _fitted("online", nfk_cache=str(cache))
     assert torch.equal(second.teacher_targets.train, first.teacher_targets.train)
     x = torch.randn(5, 1, 8, 8)
     assert _close(second.teacher_targets.embed(x), first.teacher_targets.embed(x))
@@ -214,7 +222,7 @@ def test_resume_gives_the_same_loss_curve_without_refitting(tmp_path):
     # small: no teacher NFK components in it, only the tables
     assert not any("components" in key for key in checkpoint["state_dict"])
     resumed, _ = run("part", 2, ckpt_path=str(last))
-    assert resumed.teacher_targets.nfk is None  # tables from the checkpoint, no refit
+    assert resumed.teacher_targets.seconds == 0  # tables from the checkpoint, no refit
     assert torch.equal(resumed.teacher_targets.train, first.teacher_targets.train)
     a = _losses(Path(whole.logger.log_dir))
     b = {**_losses(tmp_path / "part" / "version_0"), **_losses(tmp_path / "part" / "version_1")}
@@ -262,7 +270,7 @@ def test_refuses_bare_loaders_in_nfkd_mode():
         ({"targets": "cached"}, "`targets`"),
         ({"alpha": 1.5}, "`alpha` must be a number in"),
         ({"temperature": 0}, "`temperature`"),
-        ({"k": 0}, "k"),
+        ({"k": 0}, "`k`"),
     ],
 )
 def test_bad_arguments(kwargs, match):
