@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,6 @@ class TeacherTargets:
     ) -> None:
         """Fit on ``train_set`` (every rank passes the whole split; each reads its shard) and
         embed ``val_set``; every rank ends with the same tables."""
-        import time
-
         start = time.perf_counter()
         reduce = strategy_sum(trainer)
         device = next(self.teacher.parameters()).device
