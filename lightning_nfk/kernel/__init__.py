@@ -24,6 +24,7 @@ from lightning_nfk.kernel.fisher_vectors import (
 from lightning_nfk.kernel.linalg import gather_rows
 from lightning_nfk.kernel.linear_probe import (
     DEFAULT_L2_GRID,
+    SCALINGS,
     LogisticRegression,
     fit_logistic_regression,
     select_and_fit,
@@ -42,6 +43,7 @@ from lightning_nfk.kernel.randomized_svd import RitzPairs, subspace_iteration
 __all__ = [
     "DEFAULT_L2_GRID",
     "DEFAULT_MEMORY_BUDGET",
+    "SCALINGS",
     "ClassifierEnergy",
     "Energy",
     "ExactNFK",

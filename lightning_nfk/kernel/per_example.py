@@ -52,7 +52,8 @@ class ScoreJacobian:
         self.theta: dict[str, Tensor] = {}
         self.constants: dict[str, Tensor] = {}
         for name, p in self._module.named_parameters():
-            (self.theta if p.requires_grad else self.constants)[name] = p.detach().clone()
+            in_theta = p.requires_grad and energy.defines_kernel(name.removeprefix("net."))
+            (self.theta if in_theta else self.constants)[name] = p.detach().clone()
         for name, b in self._module.named_buffers():
             self.constants[name] = b.detach().clone()
         self.names = list(self.theta)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -62,23 +62,48 @@ class Energy(abc.ABC):
     Args:
         module: the kernel module; its parameters with ``requires_grad=True`` are
             :math:`\\theta`.
+        parameters: restrict :math:`\\theta` to the trainable parameters whose names (as in
+            ``module.named_parameters()``) start with one of these prefixes, e.g.
+            ``("encoder", "head")``; ``None`` (the default) keeps all of them. The others
+            are constants of the kernel.
 
     Raises:
-        TypeError: if ``module`` is not an ``nn.Module``.
-        ValueError: if ``module`` has no trainable parameter.
+        TypeError: if ``module`` is not an ``nn.Module`` or ``parameters`` is not a
+            sequence of strings.
+        ValueError: if ``module`` has no trainable parameter, or none that ``parameters``
+            selects.
     """
 
     centring: ClassVar[Source | None] = "data"
     fisher: ClassVar[Source | None] = "data"
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, parameters: Sequence[str] | None = None) -> None:
         _check_module("module", module)
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(
                 "`module` has no parameter with requires_grad=True: the kernel is defined by "
                 "the trainable parameters of the kernel module."
             )
+        if parameters is not None:
+            if isinstance(parameters, str) or not all(isinstance(q, str) for q in parameters):
+                raise TypeError(
+                    "`parameters` must be None or a sequence of parameter-name prefixes "
+                    f"(strings), got {parameters!r}."
+                )
+            parameters = tuple(parameters)
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            if not any(n.startswith(parameters) for n in names):
+                raise ValueError(
+                    f"`parameters` {list(parameters)} selects none of the module's trainable "
+                    f"parameters (first names: {names[:6]})."
+                )
         self.module = module
+        self.parameters = parameters
+
+    def defines_kernel(self, name: str) -> bool:
+        """Whether the trainable parameter ``name`` of the kernel module is part of
+        :math:`\\theta` (all of them unless ``parameters`` was given)."""
+        return self.parameters is None or name.startswith(self.parameters)
 
     @abc.abstractmethod
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:

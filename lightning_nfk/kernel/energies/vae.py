@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -39,10 +40,19 @@ class VAEEnergy(Energy):
         gaussian_std: the fixed standard deviation of the Gaussian likelihood.
         num_samples: noise samples per example, :math:`S`.
         seed: seed mixed into the per-example noise.
+        centring: ``None`` (the default, :math:`z = 0`: the expected score of a model under
+            its own distribution is zero) or ``"data"`` (subtract the mean score over the
+            fitting data, which a finite-trained VAE does not bring to zero).
+        fisher: ``"data"`` (the default, the diagonal Fisher over the fitting data) or
+            ``None`` (no normalisation: :math:`V_x = U_x`, every parameter weighted by the
+            size of its gradients rather than given unit variance).
+        parameters: names (prefixes) of the VAE's parameters that define the kernel, e.g.
+            ``("encoder", "head")``; ``None``: all trainable parameters (the paper's).
 
     Raises:
         TypeError: if ``vae`` lacks ``encode``/``decode``.
-        ValueError: for an unknown likelihood or a non-positive size.
+        ValueError: for an unknown likelihood, centring or Fisher source, or a non-positive
+            size.
     """
 
     centring = None
@@ -57,8 +67,16 @@ class VAEEnergy(Energy):
         gaussian_std: float = 1.0,
         num_samples: int = 1,
         seed: int = 0,
+        centring: Literal["data"] | None = None,
+        fisher: Literal["data"] | None = "data",
+        parameters: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(vae)
+        super().__init__(vae, parameters=parameters)
+        for name, value in (("centring", centring), ("fisher", fisher)):
+            if value not in (None, "data"):
+                raise ValueError(f"`{name}` must be None or 'data', got {value!r}.")
+        self.centring = centring
+        self.fisher = fisher
         for method in ("encode", "decode"):
             if not callable(getattr(vae, method, None)):
                 raise TypeError(

@@ -1,0 +1,139 @@
+"""Why the VAE's NFK embedding is weak, measured: VAE-NFK-128d linear probes under each
+candidate kernel definition, in one table.
+
+The VAE is the shared Fashion-MNIST ConvVAE (latent 16, Bernoulli likelihood, trained
+with ``VAEModule``). Every row fits ``LowRankNFK(VAEEnergy(vae, ...), k=128)`` on the same
+unlabelled training images and probes the embeddings of labelled training and test
+images; the encoder mean and the pixels are the references. Candidates:
+
+* ``num_samples``: frozen noise samples per example (per-example randomness in the score);
+* ``centring="data"``: subtract the mean score over the fitting data (a finite-trained
+  VAE's is not zero, so without centring the top component may be that mean);
+* ``fisher=None``: no diagonal-Fisher normalisation (with it, every parameter, e.g. each
+  decoder output bias, gets unit variance);
+* ``parameters``: the encoder's parameters only, or the decoder's only;
+* training length: the VAE after 1 epoch against the fully trained one.
+
+    python experiments/vae_kernel.py --data-dir /usr/share/datasets/fashion-mnist
+    python experiments/vae_kernel.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import common
+import torch
+
+from lightning_nfk.kernel import LowRankNFK, VAEEnergy
+
+ENCODER = ("encoder", "head")
+DECODER = ("project", "decoder")
+
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "defaults before this study (S=1, z=0, data Fisher, all)": {},
+    "S=8 noise samples": {"num_samples": 8},
+    "S=32 noise samples": {"num_samples": 32},
+    "centring=data": {"centring": "data"},
+    "fisher=None": {"fisher": None},
+    "encoder parameters only": {"parameters": ENCODER},
+    "decoder parameters only": {"parameters": DECODER},
+    "centring=data, S=8": {"centring": "data", "num_samples": 8},
+}
+AFTER_ONE_EPOCH = ("defaults before this study (S=1, z=0, data Fisher, all)", "S=8 noise samples")
+
+
+def main() -> None:
+    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    run = common.Run("vae_kernel", args)
+    fit_n, test_n, k, n_iter = (
+        run.pick(300, 5000),
+        run.pick(300, 5000),
+        run.pick(16, 128),
+        run.pick(1, 3),
+    )
+    dm = common.data_for(run, "fmnist_vae")
+    assert dm is not None
+    (fit_x, y_fit), (test_x, y_test) = (
+        common.tensors(dm, "train", fit_n),
+        common.tensors(dm, "test", test_n),
+    )
+    epochs = common.model_spec(run, "fmnist_vae")["epochs"]
+    run.results["setting"] = {
+        "fit_n": fit_n,
+        "test_n": test_n,
+        "k": k,
+        "n_iter": n_iter,
+        "epochs": epochs,
+    }
+
+    def row(module: Any, options: dict[str, Any]) -> dict[str, Any]:
+        t = time.time()
+        nfk = LowRankNFK(VAEEnergy(module.vae, **options), k=k, n_iter=n_iter).fit(fit_x)
+        e_fit, e_test = nfk.fit_embedding, nfk.transform(test_x)
+        out = {
+            scaling: common.probe((e_fit, y_fit), (e_test, y_test), scaling)
+            for scaling in ("standardize", "global")
+        }
+        out["explained_top1"] = float(nfk.explained_variance_ratio[0])
+        out[f"explained_top{k}"] = float(nfk.explained_variance_ratio.sum())
+        if options.get("centring") != "data":  # how much of sigma_1 the mean score explains
+            mean = nfk.fit_embedding.mean(0)
+            out["top1_mean_share"] = float(
+                mean[0].square() * fit_n / nfk.singular_values[0].square()
+            )
+        out["seconds"] = round(time.time() - t, 1)
+        return out
+
+    table: dict[str, Any] = {}
+    trained = common.shared_model(run, "fmnist_vae")
+    for label, options in CANDIDATES.items():
+        table[f"{label} | {epochs} epochs"] = row(trained, options)
+        run.log(label, table[f"{label} | {epochs} epochs"])
+        run.results["table"] = table
+        run.save()
+    if epochs > 1:
+        early = common.shared_model(run, "fmnist_vae", at=1)
+        for label in AFTER_ONE_EPOCH:
+            table[f"{label} | 1 epoch"] = row(early, CANDIDATES[label])
+            run.log(label, "1 epoch", table[f"{label} | 1 epoch"])
+    else:
+        early = trained
+    refs = {}
+    for when, module in (("trained", trained), ("1 epoch", early)):
+        mu_fit = common.encoder_mean(module, fit_x)
+        mu_test = common.encoder_mean(module, test_x)
+        refs[f"encoder mean ({when})"] = common.probe((mu_fit, y_fit), (mu_test, y_test))
+    refs["pixels"] = common.probe((fit_x.flatten(1), y_fit), (test_x.flatten(1), y_test))
+    run.results["references"] = refs
+    run.results["table"] = table
+    plot(run, table, refs)
+    run.save()
+
+
+def plot(run: common.Run, table: dict[str, Any], refs: dict[str, float]) -> None:
+    fig, axes = common.figure(1, 1, size=(7.5, 4.5))
+    ax = axes[0][0]
+    labels = list(table)
+    for j, (scaling, color) in enumerate((("standardize", "tab:blue"), ("global", "tab:orange"))):
+        ax.barh(
+            [i + 0.4 * j for i in range(len(labels))],
+            [table[r][scaling] for r in labels],
+            0.4,
+            color=color,
+            label=f"VAE-NFK-128d, {scaling}",
+        )
+    for name, value in refs.items():
+        ax.axvline(value, ls="--", lw=1, color="k" if "encoder" in name else "gray")
+        ax.text(value, -0.8, name, fontsize=6, rotation=0)
+    ax.set_yticks([i + 0.2 for i in range(len(labels))], labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (%), Fashion-MNIST")
+    ax.legend(fontsize=7, loc="lower right")
+    common.save_figure(run, fig, "vae_kernel")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -1,0 +1,87 @@
+"""Every experiment script runs end to end in ``--quick`` mode, as a user runs it (a
+subprocess, real Fashion-MNIST, plots on), under a timeout that turns a hang into a red
+test; its JSON holds sane figures. The models are shared through one cache, as the
+scripts share them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = ["components", "lowrank", "accuracy", "vae_kernel", "linear_eval", "few_labels", "scale"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experiments")
+
+
+def run_quick(name: str, out: Path) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / f"{name}.py"), "--quick", "--out", str(out)],
+        cwd=out,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / f"{name}.json").read_text())
+    assert result["meta"]["mode"] == "quick"
+    assert result["meta"]["wall_time_s"] > 0
+    for plot in result.get("plots", []):
+        assert (out / plot).stat().st_size > 1000
+    return result
+
+
+def accuracies(table: dict) -> list[float]:
+    vals = []
+    for v in table.values():
+        if isinstance(v, dict):
+            vals += accuracies(v)
+        elif isinstance(v, (int, float)):
+            vals.append(float(v))
+    return vals
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_quick_run(name: str, out: Path) -> None:
+    r = run_quick(name, out)
+    assert r["plots"], "every script draws its figure"
+    if name == "components":
+        acc = r["table"]["standardize"]
+        assert acc["128"] > acc["1"] and acc["128"] > 40  # 10 classes: chance is 10%
+        assert all(0 < c <= 1 + 1e-9 for c in r["explained"])
+    elif name == "lowrank":
+        for per in r["curves"].values():
+            for c in per.values():
+                assert all(b >= a - 1e-12 for a, b in itertools.pairwise(c)) and c[-1] <= 1 + 1e-9
+    elif name == "accuracy":
+        f64 = r["randomized"]["float64"]
+        assert f64["max_rel_error_top10"] < 1e-3
+        assert f64["total_variance_rel_error"] < 1e-10
+    elif name == "vae_kernel":
+        assert len(r["table"]) >= 8
+        assert all(0 <= a <= 100 for a in accuracies(r["table"]) if a > 1)
+        assert r["references"]["pixels"] > 40
+    elif name == "linear_eval":
+        rows = r["tables"]["fashion_mnist_gan"]["rows"]
+        assert rows["Pixels/standardize"] > 40
+        assert any(k.startswith("GAN-AFV") for k in rows)
+        assert all(0 <= a <= 100 for a in rows.values())
+    elif name == "few_labels":
+        for row in r["table"].values():
+            assert all(0 <= c["mean"] <= 100 and not math.isnan(c["sd"]) for c in row.values())
+    elif name == "scale":
+        methods = {row["method"] for row in r["rows"]}
+        assert methods == {"randomized", "exact"}
+        assert all(row["seconds"] > 0 for row in r["rows"] if "seconds" in row)

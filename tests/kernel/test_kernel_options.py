@@ -1,0 +1,101 @@
+"""The kernel options the representation experiments use: which parameters define the
+kernel, the VAE's centring and Fisher normalisation, and the probe's feature scaling;
+each against an independent float64 computation (torch.func) or a closed form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from lightning_nfk.kernel import VAEEnergy, exact_nfk, fit_logistic_regression, select_and_fit
+from tests.helpers.models import TinyVAE
+
+TOL = 1e-10  # float64 throughout
+
+
+def reference_scores(vae: TinyVAE, energy: VAEEnergy, x: torch.Tensor) -> torch.Tensor:
+    """(N, P) per-example ELBO gradients w.r.t. every parameter, torch.func, float64."""
+    (eps,) = energy.extras(x)
+    params = {n: p.detach() for n, p in vae.named_parameters()}
+
+    def elbo(p, xi, ei):
+        mu, logvar, logits = functional_call(vae, p, (xi[None], ei[:1]))
+        ll = -torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, xi[None], reduction="sum"
+        )
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum()
+        return ll - kl
+
+    g = vmap(grad(elbo), in_dims=(None, 0, 0))(params, x, eps)
+    return torch.cat([g[n].reshape(len(x), -1) for n in params], dim=1)
+
+
+@pytest.fixture
+def vae_and_data():
+    torch.manual_seed(0)
+    vae = TinyVAE().double()
+    x = torch.rand(40, 8, dtype=torch.float64)
+    return vae, x
+
+
+def test_vae_options_against_torch_func(vae_and_data):
+    vae, x = vae_and_data
+    base = VAEEnergy(vae)
+    g = reference_scores(vae, base, x)
+    for centring in (None, "data"):
+        for fisher in ("data", None):
+            v = exact_nfk(VAEEnergy(vae, centring=centring, fisher=fisher), x).fisher_vectors
+            u = g - g.mean(0) if centring == "data" else g
+            expect = u / (u.square().mean(0) + 1e-8).sqrt() if fisher == "data" else u
+            torch.testing.assert_close(v, expect, rtol=TOL, atol=TOL)
+
+
+def test_parameter_subset_is_those_columns(vae_and_data):
+    vae, x = vae_and_data
+    names = [n for n, _ in vae.named_parameters()]
+    sizes = [p.numel() for _, p in vae.named_parameters()]
+    full = exact_nfk(VAEEnergy(vae), x).fisher_vectors
+    sub = exact_nfk(VAEEnergy(vae, parameters=("enc",)), x).fisher_vectors
+    cols = torch.cat(
+        [
+            torch.arange(sum(sizes[:i]), sum(sizes[: i + 1]))
+            for i, n in enumerate(names)
+            if n.startswith("enc")
+        ]
+    )
+    assert sub.shape == (len(x), len(cols)) and len(cols) < full.shape[1]
+    torch.testing.assert_close(sub, full[:, cols], rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"parameters": "enc"}, TypeError, r"`parameters` must be None or a sequence"),
+        ({"parameters": ("nothing",)}, ValueError, r"`parameters` \['nothing'\] selects none"),
+        ({"centring": "samples"}, ValueError, r"`centring` must be None or 'data', got 'samples'"),
+        ({"fisher": "identity"}, ValueError, r"`fisher` must be None or 'data', got 'identity'"),
+    ],
+)
+def test_bad_vae_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        VAEEnergy(TinyVAE(), **kwargs)
+
+
+def test_probe_global_scaling_keeps_relative_feature_sizes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=g, dtype=torch.float64) * torch.tensor([10.0, 1.0, 0.1, 0.01])
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 3] > 0).long()
+    std = fit_logistic_regression(x, y, 4, 1e-3, scaling="standardize")
+    glob = fit_logistic_regression(x, y, 4, 1e-3, scaling="global")
+    torch.testing.assert_close(std.std, x.std(0, unbiased=False))
+    expect = x.var(0, unbiased=False).mean().sqrt()
+    torch.testing.assert_close(glob.std, expect.expand(4))
+    # one global scale: multiplying the features by c gives the same probe
+    scaled = fit_logistic_regression(7.0 * x, y, 4, 1e-3, scaling="global")
+    torch.testing.assert_close(scaled.logits(7.0 * x), glob.logits(x), rtol=1e-6, atol=1e-6)
+    # standardisation recovers the tiny feature 3 that carries half the label; one global
+    # scale leaves it 1000x below feature 0 under the same penalty
+    assert std.accuracy(x, y) > glob.accuracy(x, y)
+    with pytest.raises(ValueError, match=r"`scaling` must be one of .*got 'pca'"):
+        select_and_fit(x, y, 4, scaling="pca")
