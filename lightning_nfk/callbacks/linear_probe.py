@@ -22,7 +22,9 @@ from lightning_nfk.kernel import (
     LowRankNFK,
     NFKConfig,
     Reduce,
+    Scaling,
     check_int,
+    check_scaling,
     gather_rows,
     kernel_mode,
     select_and_fit,
@@ -56,9 +58,9 @@ class LinearProbeCallback(Callback):
       flattened output activations, in eval mode;
     * a callable ``f(pl_module, x) -> (B, d)`` features.
 
-    The probe: standardised features, full-batch L-BFGS in float64, L2 strength chosen
-    from ``l2_grid`` on a seeded held-out 20% of the labelled examples, then refitted on
-    all of them. Training examples: up to ``max_train`` (seeded) from the data module's
+    The probe: centred features scaled as ``scaling`` says (standardised by default),
+    full-batch L-BFGS in float64, L2 strength chosen from ``l2_grid`` on a seeded held-out
+    20% of the labelled examples, then refitted on all of them. Training examples: up to ``max_train`` (seeded) from the data module's
     label budget (``num_labels``) when it has one, else from the training split;
     evaluation: the validation split (up to ``max_val``). Under DDP each rank extracts the
     features of its own shard; they are gathered, and every rank fits the same probe.
@@ -73,6 +75,10 @@ class LinearProbeCallback(Callback):
         k, oversample, n_iter, nfk_fit_size: this callback's own NFK fit when needed.
         batch_size: feature extraction batch size.
         seed: seed of the subsets and of the hold-out split.
+        scaling: how features are scaled before the probe: ``"standardize"`` (each to unit
+            variance, the usual protocol) or ``"global"`` (one scale for all, keeping NFK
+            components weighted by their singular values); see
+            :mod:`lightning_nfk.kernel.linear_probe`.
     """
 
     def __init__(
@@ -88,8 +94,10 @@ class LinearProbeCallback(Callback):
         nfk_fit_size: int = 1024,
         batch_size: int = 256,
         seed: int = 0,
+        scaling: Scaling = "standardize",
     ) -> None:
         super().__init__()
+        check_scaling(scaling)
         if not (callable(features) or isinstance(features, str)):
             raise TypeError(
                 f"`features` must be 'nfk', a submodule name or a callable, got {type(features).__name__}."
@@ -119,6 +127,7 @@ class LinearProbeCallback(Callback):
         self.nfk_fit_size = nfk_fit_size
         self.batch_size = batch_size
         self.seed = seed
+        self.scaling = scaling
         self.history: list[dict[str, float]] = []
         self._cache: dict[str, tuple[Tensor, Tensor, int, int]] = {}
 
@@ -254,7 +263,12 @@ class LinearProbeCallback(Callback):
             y_va = gather_rows(y_va.double().to(pl_module.device), reduce).long()
             num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
             probe = select_and_fit(
-                f_tr.cpu(), y_tr.cpu(), num_classes, self.l2_grid, seed=self.seed
+                f_tr.cpu(),
+                y_tr.cpu(),
+                num_classes,
+                self.l2_grid,
+                seed=self.seed,
+                scaling=self.scaling,
             )
         metrics = {
             "probe/acc": probe.accuracy(f_va.cpu(), y_va.cpu()),

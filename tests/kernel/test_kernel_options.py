@@ -99,3 +99,26 @@ def test_probe_global_scaling_keeps_relative_feature_sizes():
     assert std.accuracy(x, y) > glob.accuracy(x, y)
     with pytest.raises(ValueError, match=r"`scaling` must be one of .*got 'pca'"):
         select_and_fit(x, y, 4, scaling="pca")
+
+
+def test_probe_callback_checks_scaling():
+    from lightning_nfk.callbacks import LinearProbeCallback
+
+    assert LinearProbeCallback(scaling="global").scaling == "global"
+    with pytest.raises(ValueError, match=r"`scaling` must be one of"):
+        LinearProbeCallback(scaling="whiten")
+
+
+def test_vae_antithetic_noise_comes_in_pairs_and_cancels_odd_terms(vae_and_data):
+    vae, x = vae_and_data
+    energy = VAEEnergy(vae, num_samples=4, antithetic=True)
+    (eps,) = energy.extras(x)
+    torch.testing.assert_close(eps[:, 2:], -eps[:, :2], rtol=0, atol=0)
+    # a score linear in the noise: the pair average is the noise-free value exactly
+    mu, logvar = vae.encode(x)
+    z = mu[:, None] + (0.5 * logvar).exp()[:, None] * eps
+    torch.testing.assert_close(z.mean(1), mu, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"`num_samples` must be even, got 3"):
+        VAEEnergy(vae, num_samples=3, antithetic=True)
+    with pytest.raises(TypeError, match=r"`antithetic` must be a bool"):
+        VAEEnergy(vae, antithetic="yes")

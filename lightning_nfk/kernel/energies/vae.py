@@ -46,6 +46,10 @@ class VAEEnergy(Energy):
         fisher: ``"data"`` (the default, the diagonal Fisher over the fitting data) or
             ``None`` (no normalisation: :math:`V_x = U_x`, every parameter weighted by the
             size of its gradients rather than given unit variance).
+        antithetic: draw the noise in pairs :math:`(\\epsilon, -\\epsilon)` (``num_samples``
+            must then be even): the same expectation (the ELBO), and the odd-order terms of
+            the noise cancel in every pair, so the score and its gradient carry less of the
+            per-example randomness.
         parameters: names (prefixes) of the VAE's parameters that define the kernel, e.g.
             ``("encoder", "head")``; ``None``: all trainable parameters (the paper's).
 
@@ -69,6 +73,7 @@ class VAEEnergy(Energy):
         seed: int = 0,
         centring: Literal["data"] | None = None,
         fisher: Literal["data"] | None = "data",
+        antithetic: bool = False,
         parameters: Sequence[str] | None = None,
     ) -> None:
         super().__init__(vae, parameters=parameters)
@@ -94,12 +99,20 @@ class VAEEnergy(Energy):
         for name, value in (("latent_dim", latent_dim), ("num_samples", num_samples)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(antithetic, bool):
+            raise TypeError(f"`antithetic` must be a bool, got {antithetic!r}.")
+        if antithetic and num_samples % 2:
+            raise ValueError(
+                f"`antithetic=True` draws the noise in pairs: `num_samples` must be even, got "
+                f"{num_samples}."
+            )
         if not gaussian_std > 0:
             raise ValueError(f"`gaussian_std` must be positive, got {gaussian_std!r}.")
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.gaussian_std = float(gaussian_std)
         self.num_samples = num_samples
+        self.antithetic = antithetic
         self.seed = seed
 
     def extras(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -111,9 +124,15 @@ class VAEEnergy(Energy):
         for i, row in enumerate(rows):
             digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest()
             g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-            eps[i] = torch.randn(
-                self.num_samples, self.latent_dim, generator=g, dtype=torch.float64
-            )
+            if self.antithetic:
+                half = torch.randn(
+                    self.num_samples // 2, self.latent_dim, generator=g, dtype=torch.float64
+                )
+                eps[i] = torch.cat([half, -half])
+            else:
+                eps[i] = torch.randn(
+                    self.num_samples, self.latent_dim, generator=g, dtype=torch.float64
+                )
         return (eps.to(device=x.device, dtype=x.dtype),)
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
