@@ -22,9 +22,9 @@ class VAEModule(pl.LightningModule):
         gaussian_std: standard deviation of the Gaussian likelihood.
         optimizer: optimizer factory.
         nfk_noise_samples: noise samples per example in the NFK's ELBO (``VAEEnergy``'s
-            ``num_samples``); training always uses one. More samples give a less noisy
-            kernel: on Fashion-MNIST after one epoch, a 32-d NFK linear probe went from 26%
-            (1 sample) to 36% (8 samples).
+            ``num_samples``, drawn in antithetic pairs when even); training always uses
+            one. More samples give a less noisy kernel: on Fashion-MNIST (8 epochs) the
+            VAE-NFK-128d linear probe went from 40% (1 sample) to 63% (8, the default).
 
     With the Bernoulli likelihood the inputs are also the targets, so they must lie in
     [0, 1]: use a data module with ``normalization="none"``.
@@ -36,7 +36,7 @@ class VAEModule(pl.LightningModule):
         likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
         gaussian_std: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
-        nfk_noise_samples: int = 1,
+        nfk_noise_samples: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vae", "optimizer"])

@@ -31,7 +31,7 @@ def test_vae_noise_depends_on_the_example_only():
 
 def test_vae_elbo_value_gaussian():
     vae = TinyVAE()
-    energy = VAEEnergy(vae, likelihood="gaussian", gaussian_std=0.5)
+    energy = VAEEnergy(vae, likelihood="gaussian", gaussian_std=0.5, num_samples=1)
     x = torch.rand(4, 8)
     (eps,) = energy.extras(x)
     mu, logvar, mean = vae(x, eps[:, 0])
