@@ -74,6 +74,7 @@ class Run:
         self.cache = Path(args.cache) if args.cache else self.out / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time()
+        self.commit = _commit()  # the code this run imported
         self.results: dict[str, Any] = {}
         print(
             f"[{name}] {'quick' if args.quick else 'full'} mode, results in {self.out}", flush=True
@@ -90,7 +91,7 @@ class Run:
             "script": f"experiments/{self.name}.py",
             "command": "python " + " ".join([f"experiments/{self.name}.py", *sys.argv[1:]]),
             "mode": "quick" if self.quick else "full",
-            "commit": _commit(),
+            "commit": self.commit,
             "wall_time_s": round(time.time() - self.t0, 1),
             "machine": machine(),
             "torch": torch.__version__,
