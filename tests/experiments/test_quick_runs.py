@@ -70,7 +70,7 @@ def test_quick_run(name: str, out: Path) -> None:
         assert f64["max_rel_error_top10"] < 1e-3
         assert f64["total_variance_rel_error"] < 1e-10
     elif name == "vae_kernel":
-        assert len(r["table"]) >= 8
+        assert len(r["table"]) >= 3
         assert all(0 <= a <= 100 for a in accuracies(r["table"]) if a > 1)
         assert r["references"]["pixels"] > 40
     elif name == "linear_eval":
