@@ -77,7 +77,7 @@ def main() -> None:
                 range(1, len(c) + 1),
                 c,
                 ls={"initialisation": "--", "after 1 epoch": ":"}.get(when, "-"),
-                label=f"{when} (k90={s['k90']})",
+                label=f"{when} (k90 {'= ' + str(s['k90']) if s['k90'] > 0 else '> ' + str(len(c))})",
             )
         ax.set_xscale("log")
         ax.set_ylim(0, 1.01)

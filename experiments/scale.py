@@ -3,8 +3,10 @@ N = 2^7..2^16 for the randomized fit (``LowRankNFK``, top-32 as in the paper) an
 exact path (``exact_nfk``: V and its Gram matrix) until it refuses its memory budget.
 
 LeNet-5 (the shared Fashion-MNIST classifier) on Fashion-MNIST images (training and test
-splits together: 70,000 >= 2^16). Each fit runs in a fresh subprocess, so its peak
-memory is the growth of the process's peak resident set during the fit.
+splits together: 70,000 >= 2^16). Each fit runs in a fresh subprocess; its peak memory
+is the process's peak resident set during the fit (the high-water mark is reset just
+before the fit, through /proc/self/clear_refs) less the resident set before it, so data
+loading does not count.
 
     python experiments/scale.py --data-dir /usr/share/datasets/fashion-mnist
     python experiments/scale.py --quick
@@ -30,6 +32,18 @@ def rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def reset_peak() -> None:
+    """Reset the process's resident-set high-water mark (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def worker(run: common.Run, n: int, method: str, n_iter: int) -> dict:
     dm = common.data_for(run, "fmnist_lenet")
     assert dm is not None
@@ -37,6 +51,7 @@ def worker(run: common.Run, n: int, method: str, n_iter: int) -> dict:
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]].contiguous()
     energy = common.shared_model(run, "fmnist_lenet").nfk_energy()
     before = rss_mib()
+    reset_peak()
     t = time.time()
     try:
         if method == "randomized":
@@ -46,7 +61,7 @@ def worker(run: common.Run, n: int, method: str, n_iter: int) -> dict:
     except ValueError as e:  # the exact path refuses beyond its memory budget
         return {"n": n, "method": method, "refused": str(e).split("\n")[0][:200]}
     seconds = time.time() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mib()
     return {
         "n": n,
         "method": method,
@@ -90,13 +105,19 @@ def main() -> None:
                 cmd.append("--quick")
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            row = json.loads(
-                next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]
-            )
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:  # e.g. killed for memory: record it, go on
+                row = {
+                    "n": n,
+                    "method": method,
+                    "failed": f"rc {proc.returncode}: {proc.stderr[-300:]}",
+                }
+            else:
+                row = json.loads(lines[0][7:])
             rows.append(row)
             run.log(row)
-            if "refused" in row:
+            if "refused" in row or "failed" in row:
                 break
     run.results.update(
         setting={
@@ -110,7 +131,7 @@ def main() -> None:
     fig, axes = common.figure(1, 2, size=(4.6, 3.6))
     for method, marker in (("randomized", "o"), ("exact", "s")):
         ok = [r for r in rows if r["method"] == method and "seconds" in r]
-        refused = [r for r in rows if r["method"] == method and "refused" in r]
+        refused = [r for r in rows if r["method"] == method and ("refused" in r or "failed" in r)]
         axes[0][0].loglog(
             [r["n"] for r in ok], [r["seconds"] for r in ok], marker=marker, label=method
         )

@@ -277,6 +277,7 @@ class LowRankNFK:
         return {
             "version": _STATE_VERSION,
             "energy": type(self.energy).__name__,
+            "energy_settings": self.energy.settings(),
             "config": self.config.as_dict(),
             "theta": dict(op.jacobian.theta),
             "constants": dict(op.jacobian.constants),
@@ -409,6 +410,20 @@ def _check_state(state: object, energy: Energy, path: object = "the state") -> N
         raise ValueError(
             f"{path} was saved for a {state['energy']}, not a {type(energy).__name__}: its "
             "centring and Fisher would not be this energy's."
+        )
+    saved, current = state.get("energy_settings"), energy.settings()
+    if saved is None and current != Energy.settings(energy):
+        raise ValueError(
+            f"{path} does not record the {type(energy).__name__} settings it was fitted with "
+            f"(saved by an older lightning-nfk), so it cannot be checked against {current}: "
+            "fit again and save."
+        )
+    if saved is not None and saved != current:
+        diff = [k for k in dict.fromkeys([*saved, *current]) if saved.get(k) != current.get(k)]
+        said = ", ".join(f"{k}={saved.get(k)!r} (the energy has {current.get(k)!r})" for k in diff)
+        raise ValueError(
+            f"{path} was fitted with another {type(energy).__name__}: {said}. Its components "
+            "would embed another score function; build the energy with the saved settings."
         )
 
 

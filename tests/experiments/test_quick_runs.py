@@ -5,7 +5,6 @@ scripts share them."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 SCRIPTS = ["components", "lowrank", "accuracy", "vae_kernel", "linear_eval", "few_labels", "scale"]
 
 
@@ -43,16 +43,7 @@ def run_quick(name: str, out: Path) -> dict:
     return result
 
 
-def accuracies(table: dict) -> list[float]:
-    vals = []
-    for v in table.values():
-        if isinstance(v, dict):
-            vals += accuracies(v)
-        elif isinstance(v, (int, float)):
-            vals.append(float(v))
-    return vals
-
-
+@pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist")
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_quick_run(name: str, out: Path) -> None:
     r = run_quick(name, out)
@@ -62,16 +53,19 @@ def test_quick_run(name: str, out: Path) -> None:
         assert acc["128"] > acc["1"] and acc["128"] > 40  # 10 classes: chance is 10%
         assert all(0 < c <= 1 + 1e-9 for c in r["explained"])
     elif name == "lowrank":
+        # explained variance against the exact trace: in (0, 1], and the whole spectrum of
+        # a fit on 200 examples cannot be explained by its top 64
         for per in r["curves"].values():
             for c in per.values():
-                assert all(b >= a - 1e-12 for a, b in itertools.pairwise(c)) and c[-1] <= 1 + 1e-9
+                assert c[0] > 0 and c[-1] < 0.999
     elif name == "accuracy":
         f64 = r["randomized"]["float64"]
         assert f64["max_rel_error_top10"] < 1e-3
         assert f64["total_variance_rel_error"] < 1e-10
     elif name == "vae_kernel":
         assert len(r["table"]) >= 3
-        assert all(0 <= a <= 100 for a in accuracies(r["table"]) if a > 1)
+        for row in r["table"].values():
+            assert 15 < row["standardize"] <= 100 and 15 < row["global"] <= 100
         assert r["references"]["pixels"] > 40
     elif name == "linear_eval":
         rows = r["tables"]["fashion_mnist_gan"]["rows"]

@@ -132,10 +132,11 @@ def _scalar_fn(case: Case):
     if case.name in ("gan", "ntk"):
         return lambda p, xi: functional_call(m, p, (xi[None],)).reshape(())
 
-    def elbo(p, xi, eps):
-        mu, logvar, logits = functional_call(m, p, (xi[None], eps[None, 0]))
-        ll = -F.binary_cross_entropy_with_logits(logits, xi[None], reduction="sum")
-        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum()
+    def elbo(p, xi, eps):  # eps: (S, latent), the energy's frozen samples of this example
+        xs = xi[None].expand(eps.shape[0], *xi.shape)
+        mu, logvar, logits = functional_call(m, p, (xs, eps))
+        ll = -F.binary_cross_entropy_with_logits(logits, xs, reduction="sum") / eps.shape[0]
+        kl = 0.5 * (mu[0].square() + logvar[0].exp() - 1 - logvar[0]).sum()
         return ll - kl
 
     return elbo

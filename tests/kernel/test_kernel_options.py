@@ -116,11 +116,44 @@ def test_vae_antithetic_noise_comes_in_pairs_and_cancels_odd_terms(vae_and_data)
     energy = VAEEnergy(vae, num_samples=4, antithetic=True)
     (eps,) = energy.extras(x)
     torch.testing.assert_close(eps[:, 2:], -eps[:, :2], rtol=0, atol=0)
-    # a score linear in the noise: the pair average is the noise-free value exactly
-    mu, logvar = vae.encode(x)
-    z = mu[:, None] + (0.5 * logvar).exp()[:, None] * eps
-    torch.testing.assert_close(z.mean(1), mu, rtol=1e-12, atol=1e-12)
+
+    # the score is the mean of the single-sample ELBOs at each of the four noise draws,
+    # computed here from the VAE's own forward pass
+    def one_sample(e: torch.Tensor) -> torch.Tensor:
+        mu, logvar, logits = vae(x, e)
+        ll = -torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none")
+        return ll.sum(1) - 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+
+    expect = torch.stack([one_sample(eps[:, s]) for s in range(4)]).mean(0)
+    torch.testing.assert_close(energy.score(vae, x, eps), expect, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"`num_samples` must be even, got 3"):
         VAEEnergy(vae, num_samples=3, antithetic=True)
     with pytest.raises(TypeError, match=r"`antithetic` must be a bool or None"):
         VAEEnergy(vae, antithetic="yes")
+
+
+def test_parameter_prefixes_respect_module_boundaries():
+    from torch import nn
+
+    from lightning_nfk.kernel import ClassifierEnergy, GANEnergy
+    from lightning_nfk.kernel.per_example import ScoreJacobian
+
+    net = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])  # names 0.* .. 10.*
+    jac = ScoreJacobian(ClassifierEnergy(net, parameters=("1",)))
+    assert jac.names == ["net.1.weight", "net.1.bias"]  # not 10.*
+    gan = GANEnergy(nn.Linear(4, 1), nn.Linear(2, 4), latent_dim=2, parameters=("bias",))
+    assert ScoreJacobian(gan).num_parameters == 1
+
+
+def test_saved_vae_kernel_refuses_other_noise_settings(tmp_path, vae_and_data):
+    from lightning_nfk.kernel import LowRankNFK
+
+    vae, x = vae_and_data
+    path = tmp_path / "vae.nfk"
+    LowRankNFK(VAEEnergy(vae), k=2, n_iter=1).fit(x).save(path)
+    loaded = LowRankNFK.load(path, VAEEnergy(vae))
+    assert loaded.transform(x[:3]).shape == (3, 2)
+    with pytest.raises(ValueError, match=r"num_samples=8 \(the energy has 1\)"):
+        LowRankNFK.load(path, VAEEnergy(vae, num_samples=1))
+    with pytest.raises(ValueError, match=r"parameters=None \(the energy has \['enc'\]\)"):
+        LowRankNFK.load(path, VAEEnergy(vae, parameters=("enc",)))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import abc
 import copy
 from collections.abc import Iterator, Sequence
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,8 @@ Source = Literal["data", "samples"]
 class Energy(abc.ABC):
     """Base class of the per-example energy scores that define a Neural Fisher Kernel.
 
-    Subclasses set the class attributes ``centring`` and ``fisher`` and implement
+    Subclasses set ``centring`` and ``fisher`` (class attributes, or per instance where
+    they are options, as in :class:`VAEEnergy`) and implement
     :meth:`score`; energies with model samples (GANs) implement :meth:`sample_batches`;
     energies that need fixed per-example auxiliary inputs (the VAE's noise) implement
     :meth:`extras`.
@@ -63,8 +64,9 @@ class Energy(abc.ABC):
         module: the kernel module; its parameters with ``requires_grad=True`` are
             :math:`\\theta`.
         parameters: restrict :math:`\\theta` to the trainable parameters whose names (as in
-            ``module.named_parameters()``) start with one of these prefixes, e.g.
-            ``("encoder", "head")``; ``None`` (the default) keeps all of them. The others
+            ``module.named_parameters()``) equal one of these prefixes or start with it
+            followed by a dot (whole submodules: ``"decoder.1"`` is not ``"decoder.10"``),
+            e.g. ``("encoder", "head")``; ``None`` (the default) keeps all of them. The others
             are constants of the kernel.
 
     Raises:
@@ -74,8 +76,8 @@ class Energy(abc.ABC):
             selects.
     """
 
-    centring: ClassVar[Source | None] = "data"
-    fisher: ClassVar[Source | None] = "data"
+    centring: Source | None = "data"
+    fisher: Source | None = "data"
 
     def __init__(self, module: nn.Module, *, parameters: Sequence[str] | None = None) -> None:
         _check_module("module", module)
@@ -92,7 +94,7 @@ class Energy(abc.ABC):
                 )
             parameters = tuple(parameters)
             names = [n for n, p in module.named_parameters() if p.requires_grad]
-            if not any(n.startswith(parameters) for n in names):
+            if not any(_selected(n, parameters) for n in names):
                 raise ValueError(
                     f"`parameters` {list(parameters)} selects none of the module's trainable "
                     f"parameters (first names: {names[:6]})."
@@ -100,10 +102,16 @@ class Energy(abc.ABC):
         self.module = module
         self.parameters = parameters
 
+    def settings(self) -> dict[str, object]:
+        """The options that define the score function (plain Python values), saved with a
+        fitted :class:`~lightning_nfk.kernel.LowRankNFK` and checked when it is loaded.
+        Subclasses with such options extend it."""
+        return {"parameters": None if self.parameters is None else list(self.parameters)}
+
     def defines_kernel(self, name: str) -> bool:
         """Whether the trainable parameter ``name`` of the kernel module is part of
         :math:`\\theta` (all of them unless ``parameters`` was given)."""
-        return self.parameters is None or name.startswith(self.parameters)
+        return self.parameters is None or _selected(name, self.parameters)
 
     @abc.abstractmethod
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
@@ -157,6 +165,10 @@ class Energy(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(module={type(self.module).__name__})"
+
+
+def _selected(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == q or name.startswith(q + ".") for q in prefixes)
 
 
 def _check_module(name: str, module: object) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +18,8 @@ class ClassifierEnergy(Energy):
 
     Args:
         model: a module mapping a batch ``(B, ...)`` to logits ``(B, C)``.
+        parameters: restrict :math:`\\theta` to these parameter-name prefixes (see
+            :class:`Energy`); ``None``: all trainable parameters.
 
     Example:
         >>> import torch
@@ -29,8 +33,8 @@ class ClassifierEnergy(Energy):
     centring = "data"
     fisher = "data"
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, *, parameters: Sequence[str] | None = None) -> None:
+        super().__init__(model, parameters=parameters)
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
         logits = module(x)

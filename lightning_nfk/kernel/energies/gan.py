@@ -6,7 +6,7 @@ follow the paper's precursor, apple/ml-afv (adversarial Fisher vectors).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,8 @@ class GANEnergy(Energy):
         num_samples: number of generator samples :math:`M`.
         batch_size: generator batch size.
         seed: seed of the latents.
+        parameters: restrict :math:`\\theta` to these parameter-name prefixes (see
+            :class:`Energy`).
 
     Raises:
         TypeError: if a module argument is not an ``nn.Module``.
@@ -55,8 +57,9 @@ class GANEnergy(Energy):
         num_samples: int = 4096,
         batch_size: int = 256,
         seed: int = 0,
+        parameters: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(discriminator)
+        super().__init__(discriminator, parameters=parameters)
         _check_module("generator", generator)
         if (latent_dim is None) == (latent_sampler is None):
             raise ValueError(

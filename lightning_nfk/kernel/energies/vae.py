@@ -25,15 +25,16 @@ class VAEEnergy(Energy):
     The noise :math:`\\epsilon_s(x)` is *frozen*: it is drawn from a generator seeded by a
     hash of the example's bytes (as float32) and ``seed``, so the score is a fixed function
     of the parameters in every pass, on every process, for any batching and for float32 and
-    float64 runs alike. No centring (:math:`z = 0`); diagonal Fisher over the fitting data.
+    float64 runs alike. By default no centring (:math:`z = 0`) and the diagonal Fisher over
+    the fitting data.
 
     The defaults, ``S = 8`` samples in antithetic pairs, come from measurement
     (``experiments/vae_kernel.py``, EXPERIMENTS.md): the frozen noise is per-example
     randomness that the kernel picks up, and with one sample it dominates it. On
-    Fashion-MNIST (ConvVAE, 8 epochs) the VAE-NFK-128d linear probe went from 40% with
-    one sample to 63% with 8 antithetic samples (67% with 32), at 1.8x the fit time;
-    centring, the Fisher normalisation and the choice of parameters each moved it by at
-    most 3 points.
+    Fashion-MNIST (ConvVAE, 8 epochs) the VAE-NFK-128d linear probe (standardised
+    features) went from 40% with one sample to 63% with 8 antithetic samples (66% with
+    32), at 1.8x the fit time; with one sample, centring, the Fisher normalisation and the
+    choice of parameters each moved it by at most 3.5 points.
 
     What the VAE must expose:
 
@@ -64,9 +65,11 @@ class VAEEnergy(Energy):
             ``("encoder", "head")``; ``None``: all trainable parameters (the paper's).
 
     Raises:
-        TypeError: if ``vae`` lacks ``encode``/``decode``.
-        ValueError: for an unknown likelihood, centring or Fisher source, or a non-positive
-            size.
+        TypeError: if ``vae`` lacks ``encode``/``decode``, ``antithetic`` is not a bool or
+            None, or ``parameters`` is not a sequence of strings.
+        ValueError: for an unknown likelihood, centring or Fisher source, a non-positive
+            size, ``antithetic=True`` with an odd ``num_samples``, or ``parameters`` that
+            select no trainable parameter.
     """
 
     centring = None
@@ -126,6 +129,18 @@ class VAEEnergy(Energy):
         self.num_samples = num_samples
         self.antithetic = antithetic
         self.seed = seed
+
+    def settings(self) -> dict[str, object]:
+        return {
+            **super().settings(),
+            "likelihood": self.likelihood,
+            "gaussian_std": self.gaussian_std,
+            "num_samples": self.num_samples,
+            "antithetic": self.antithetic,
+            "seed": self.seed,
+            "centring": self.centring,
+            "fisher": self.fisher,
+        }
 
     def extras(self, x: Tensor) -> tuple[Tensor, ...]:
         """The frozen noise :math:`\\epsilon(x)`, shape ``(B, num_samples, latent_dim)``."""
