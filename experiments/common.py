@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_nfk.data import CIFAR10DataModule, FashionMNISTDataModule
 from lightning_nfk.data.image_datamodule import ImageDataModule
-from lightning_nfk.kernel import DEFAULT_L2_GRID, LowRankNFK, select_and_fit
+from lightning_nfk.kernel import LowRankNFK, select_and_fit
 from lightning_nfk.models import (
     ClassifierModule,
     ConvVAE,
@@ -364,11 +364,10 @@ def probe(
     train: tuple[Tensor, Tensor],
     test: tuple[Tensor, Tensor],
     scaling: str = "standardize",
-    l2_grid: Sequence[float] = DEFAULT_L2_GRID,
 ) -> float:
     """Test accuracy (%) of the library's linear probe (L2 chosen on a held-out 20%)."""
     (xtr, ytr), (xte, yte) = train, test
-    model = select_and_fit(xtr.double(), ytr, 10, l2_grid=l2_grid, scaling=scaling)
+    model = select_and_fit(xtr.double(), ytr, 10, scaling=scaling)
     return round(100 * model.accuracy(xte.double(), yte), 2)
 
 
