@@ -16,7 +16,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-SCRIPTS = ["components", "lowrank", "accuracy", "vae_kernel", "linear_eval", "few_labels", "scale"]
+# The three longest quick runs (2-4 minutes together) run with the slow tests, which CI
+# runs too (.ci/run); the default run keeps the other four (about a minute).
+SLOW = pytest.mark.slow
+SCRIPTS = [
+    "components",
+    "lowrank",
+    "accuracy",
+    "vae_kernel",
+    pytest.param("linear_eval", marks=SLOW),
+    pytest.param("few_labels", marks=SLOW),
+    pytest.param("scale", marks=SLOW),
+]
 
 
 @pytest.fixture(scope="module")
