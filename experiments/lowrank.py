@@ -2,7 +2,8 @@
 against k = 1..256 for a classifier (LeNet-5 on Fashion-MNIST; WRN-16-1 on CIFAR-10 with
 ``--cifar-dir``), the GAN discriminator and the VAE (Fashion-MNIST), each at
 initialisation and after training, with k90 (components for 90% of the variance), the
-effective rank of the top 256 and the stable rank.
+effective rank of the top 256 and the stable rank (and after the first epoch, to see the
+trend).
 
 The explained variance is exact: ``LowRankNFK`` computes ||V||_F^2 = tr K from the
 per-example gradients, so c_k = sum_{i<=k} sigma_i^2 / tr K.
@@ -47,7 +48,8 @@ def main() -> None:
             continue
         x, _ = common.tensors(dm, "train", n)
         epochs = common.model_spec(run, name)["epochs"]
-        for when, at in (("initialisation", 0), (f"trained {epochs} epochs", None)):
+        states = [("initialisation", 0), ("after 1 epoch", 1), (f"trained {epochs} epochs", None)]
+        for when, at in states if epochs > 1 else [states[0], states[2]]:
             module = common.shared_model(run, name, at=at)
             t = time.time()
             nfk = LowRankNFK(module.nfk_energy(), k=k, n_iter=n_iter).fit(x)
@@ -74,8 +76,8 @@ def main() -> None:
             ax.plot(
                 range(1, len(c) + 1),
                 c,
-                ls="--" if when == "initialisation" else "-",
-                label=f"{when} (k90={s['k90']})",
+                ls={"initialisation": "--", "after 1 epoch": ":"}.get(when, "-"),
+                label=f"{when} (k90 {'= ' + str(s['k90']) if s['k90'] > 0 else '> ' + str(len(c))})",
             )
         ax.set_xscale("log")
         ax.set_ylim(0, 1.01)
