@@ -216,11 +216,16 @@ class LinearProbeCallback(Callback):
     def _extract(
         self, pl_module: pl.LightningModule, x: Tensor, fn: Callable[[Tensor], Tensor]
     ) -> Tensor:
+        # Forward-only features (a layer, a callable) see inputs in the module's dtype
+        # (bfloat16 under `bf16-true`); the NFK casts to its own float32/64 working dtype.
+        dtype = None if self.features == "nfk" else _floating_dtype(pl_module)
         parts = [
-            fn(xb.to(pl_module.device)).detach().flatten(1).double()
+            fn(_to(xb, pl_module.device, dtype)).detach().flatten(1).double()
             for xb in x.split(self.batch_size)
         ]
-        return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
+        if not parts:
+            return torch.zeros(0, 0, dtype=torch.float64, device=pl_module.device)
+        return torch.cat(parts)
 
     def _feature_fn(self, trainer, pl_module, reduce) -> Callable[[Tensor], Tensor]:
         if self.features == "nfk":
@@ -293,6 +298,18 @@ class LinearProbeCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def _floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter (None without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _to(x: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """``x`` on ``device``; floating inputs cast to ``dtype`` when given."""
+    if dtype is None or not x.is_floating_point():
+        return x.to(device)
+    return x.to(device=device, dtype=dtype)
 
 
 def _gather_features(f: Tensor, reduce: Reduce) -> Tensor:

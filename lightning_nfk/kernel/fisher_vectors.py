@@ -39,6 +39,7 @@ from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.per_example import ScoreJacobian
+from lightning_nfk.kernel.precision import full_precision
 
 Progress = Callable[[int], None]
 _MAX_BLOCK_ROWS = 1024
@@ -67,7 +68,8 @@ def nonfinite_rows(t: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
-    """Eval mode, gradients enabled, inference mode off, global RNG untouched; all restored.
+    """Eval mode, gradients enabled, inference mode off, global RNG untouched, float32/64
+    arithmetic (autocast off, no TF32: :func:`full_precision`); all restored.
 
     ``owners`` are energies (their kernel module and auxiliary modules) or plain modules.
     """
@@ -84,6 +86,7 @@ def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
     try:
         with (
             torch.random.fork_rng(devices=devices),
+            full_precision(),
             torch.inference_mode(False),
             torch.enable_grad(),
         ):
@@ -300,8 +303,19 @@ class FisherVectors:
             for sl, block in zip(self.jacobian.slices, blocks):
                 out[sl].addmm_(block.T, y)
 
-    def matmat(self, data: Data, z: Tensor, progress: Progress | None = None) -> Tensor:
+    def matmat(
+        self,
+        data: Data,
+        z: Tensor,
+        progress: Progress | None = None,
+        *,
+        check_finite: bool = True,
+    ) -> Tensor:
         """:math:`V Z` for this process's rows, (n_local, l); no collective.
+
+        Args:
+            check_finite: raise on rows with non-finite gradients (one host sync); with
+                False no host sync, and such rows come back non-finite.
 
         Raises:
             NonFiniteGradientError: naming how many inputs have non-finite gradients.
@@ -309,7 +323,8 @@ class FisherVectors:
         t, c = self._fold(z)
         parts = [self._matmat_folded(x, e, t, c)[0] for x, e in self.chunks(data, progress)]
         out = torch.cat(parts) if parts else z.new_zeros(0, z.shape[1])
-        raise_if_nonfinite(nonfinite_rows(out).item(), out.shape[0], "inputs")
+        if check_finite:
+            raise_if_nonfinite(nonfinite_rows(out).item(), out.shape[0], "inputs")
         return out
 
     def rmatmat(self, data: Data, y: Tensor) -> Tensor:
@@ -343,9 +358,8 @@ class FisherVectors:
                 self._column_sums(blocks, cols)
             rows.append(y)
         y_all = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
-        tail = torch.stack([nonfinite_rows(y_all), torch.tensor(y_all.shape[0])]).double()
         m = self.reduce(self._unfold(m, y_all.sum(dim=0)))
-        tail = self.reduce(tail.to(self.device))
+        tail = self.reduce(_row_counts(y_all))
         raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
         if not frobenius:
             return PassResult(m, None, y_all)
@@ -365,12 +379,21 @@ class FisherVectors:
             if self.mean_score is not None:
                 v.sub_(self.mean_score)
             parts.append(v if self.scale is None else v.mul_(self.scale))
-        v = torch.cat(parts) if parts else torch.zeros(0, self.num_parameters, dtype=self.dtype)
-        v = v.to(self.device)
-        tail = torch.tensor([float(nonfinite_rows(v)), v.shape[0]], dtype=torch.float64)
-        tail = self.reduce(tail.to(self.device))
+        if not parts:
+            shape = (0, self.num_parameters)
+            parts = [torch.zeros(shape, dtype=self.dtype, device=self.device)]
+        v = torch.cat(parts)
+        tail = self.reduce(_row_counts(v))
         raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
         return v
+
+
+def _row_counts(rows: Tensor) -> Tensor:
+    """(2,) float64 on the rows' device: rows with a non-finite entry, and all rows."""
+    counts = torch.zeros(2, dtype=torch.float64, device=rows.device)
+    counts[0] = nonfinite_rows(rows)
+    counts[1] = rows.shape[0]
+    return counts
 
 
 def _check_energy(jac: ScoreJacobian, data: Data, max_rows: int) -> None:

@@ -101,7 +101,7 @@ def subspace_iteration(
         )
     if n_iter < 0:
         raise ValueError(f"`n_iter` must be >= 0, got {n_iter}.")
-    omega = torch.randn(dim, l, generator=generator, dtype=dtype).to(device)
+    omega = torch.randn(dim, l, generator=generator, dtype=dtype, device="cpu").to(device)
     z, r = orthonormalize(omega)
     m = normal_matmat(z)
     # ||V Omega||_F^2 / l with Omega = Z R: tr(R^T (Z^T A Z) R) / l.

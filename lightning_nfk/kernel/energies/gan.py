@@ -87,11 +87,11 @@ class GANEnergy(Energy):
 
     def latents(self) -> Tensor:
         """All ``num_samples`` latents, identical on every process."""
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
         if self.latent_sampler is not None:
             h = self.latent_sampler(self.num_samples, g)
         else:
-            h = torch.randn(self.num_samples, self.latent_dim, generator=g)
+            h = torch.randn(self.num_samples, self.latent_dim, generator=g, device="cpu")
         if h.shape[0] != self.num_samples:
             raise ValueError(
                 f"`latent_sampler` returned {h.shape[0]} latents; {self.num_samples} were asked."
