@@ -19,7 +19,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_nfk.kernel import (
-    DEFAULT_MEMORY_BUDGET,
     LowRankNFK,
     NFKConfig,
     Strategy,
@@ -118,7 +117,7 @@ class NFKSpectrumCallback(Callback):
         damping: float = 1e-8,
         strategy: Strategy = "auto",
         dtype: torch.dtype | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
         chunk_size: int | None = None,
         seed: int = 0,
         plot: bool = True,

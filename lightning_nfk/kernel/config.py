@@ -11,6 +11,7 @@ import torch
 Strategy = Literal["auto", "dense", "blocked", "matrix_free"]
 STRATEGIES = ("auto", "dense", "blocked", "matrix_free")
 DEFAULT_MEMORY_BUDGET = 2**30
+"""Bytes a fit uses when its device cannot say how much memory it has left (1 GiB)."""
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -32,7 +33,11 @@ class NFKConfig:
             that dtype); ``None`` follows the model (float32 for a float16/bfloat16 model:
             half-precision Fisher vectors overflow and their QR is not accurate enough).
         seed: seed of the random test matrix (the same on every process).
-        memory_budget: bytes allowed for a gradient block or the dense :math:`V`, >= 1.
+        memory_budget: bytes allowed for a gradient block (its rows and the activations its
+            backward pass keeps) or the dense :math:`V` and its Gram matrix, >= 1; ``None``
+            (the default): half of what the device has available at the fit (CUDA: free
+            memory plus PyTorch's unused cache; CPU: the host's available memory shared by
+            the processes of the run), the smallest over the processes.
         chunk_size: examples per gradient block; ``None`` derives it from ``memory_budget``
             (at most 1024, 128 for ``matrix_free``).
     """
@@ -44,7 +49,7 @@ class NFKConfig:
     strategy: Strategy = "auto"
     dtype: torch.dtype | None = None
     seed: int = 0
-    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    memory_budget: int | None = None
     chunk_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -56,7 +61,8 @@ class NFKConfig:
             ("memory_budget", 1),
             ("chunk_size", 1),
         ):
-            check_int(name, getattr(self, name), minimum, optional=name == "chunk_size")
+            optional = name in ("memory_budget", "chunk_size")
+            check_int(name, getattr(self, name), minimum, optional=optional)
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, (int, float)):
             raise TypeError(f"`damping` must be a number, got {type(d).__name__} ({d!r}).")

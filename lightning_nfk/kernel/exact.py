@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_nfk.kernel._data import Data
-from lightning_nfk.kernel.config import DEFAULT_MEMORY_BUDGET, NFKConfig
+from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.fisher_vectors import kernel_mode, prepare_fisher_vectors, working_energy
@@ -92,7 +92,7 @@ def exact_nfk(
     *,
     damping: float = 1e-8,
     dtype: torch.dtype | None = None,
-    memory_budget: int = 4 * DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     reduce: Reduce = all_reduce_sum,
 ) -> ExactNFK:
     """The paper's Algorithm 1: the exact NFK of ``data``, forming V and the Gram matrix.
@@ -101,7 +101,9 @@ def exact_nfk(
     ``torch.distributed`` every process gets the full result).
 
     Raises:
-        ValueError: when V and its Gram matrix need more than ``memory_budget`` bytes.
+        ValueError: when V, its Gram matrix and a gradient block need more than
+            ``memory_budget`` bytes (default: half of what the device has available),
+            before anything is allocated.
     """
     # k = 1, oversample = 0: the checks ask for at least one example and one parameter
     config = NFKConfig(

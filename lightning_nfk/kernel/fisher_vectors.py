@@ -38,6 +38,7 @@ from lightning_nfk.kernel._data import (
 from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
 from lightning_nfk.kernel.energies.base import Energy
+from lightning_nfk.kernel.memory import activation_bytes, bytes_per_row, device_budget
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.precision import full_precision
 
@@ -130,14 +131,25 @@ class FisherVectors:
 
     Args:
         jacobian: the energy's :class:`ScoreJacobian` (parameter snapshot).
-        config: damping and chunk size (``chunk_size``, else from ``memory_budget``).
+        config: damping and chunk size (``chunk_size``, else from the memory budget).
         strategy: ``"matrix_free"`` for products by JVP/VJP, else per-example gradient
             blocks (``"blocked"``, ``"dense"``).
         reduce: sum over processes.
+        memory_budget: bytes for a block; ``None``: ``config.memory_budget``, else the
+            device's default (:func:`~lightning_nfk.kernel.memory.device_budget`).
+        activations: bytes of activations one example's backward keeps
+            (:func:`~lightning_nfk.kernel.memory.activation_bytes`; 0 when unknown).
     """
 
     def __init__(
-        self, jacobian: ScoreJacobian, config: NFKConfig, strategy: str, reduce: Reduce
+        self,
+        jacobian: ScoreJacobian,
+        config: NFKConfig,
+        strategy: str,
+        reduce: Reduce,
+        *,
+        memory_budget: int | None = None,
+        activations: int = 0,
     ) -> None:
         self.jacobian, self.energy = jacobian, jacobian.energy
         self.damping, self.strategy, self.reduce = config.damping, strategy, reduce
@@ -146,8 +158,10 @@ class FisherVectors:
         self.dtype, self.device = jacobian.dtype, jacobian.device
         self.num_parameters = p = jacobian.num_parameters
         cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
-        budget_rows = config.memory_budget // (4 * p * self.dtype.itemsize)
-        self.max_rows = config.chunk_size or max(1, min(budget_rows, cap))
+        budget = memory_budget or config.memory_budget or device_budget(self.device)
+        columns = config.columns if self.matrix_free else 0
+        self.bytes_per_row = bytes_per_row(p, self.dtype.itemsize, activations, columns)
+        self.max_rows = config.chunk_size or max(1, min(budget // self.bytes_per_row, cap))
         self.statistics = Statistics(None, None)
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
 
@@ -173,12 +187,13 @@ class FisherVectors:
             for x in batch.detach().to(self.dtype).split(self.max_rows):
                 yield x, self.energy.extras(x)
 
-    def _column_sums(self, blocks: list[Tensor], out: Tensor) -> Tensor:
+    def _column_sums(self, block: Tensor, out: Tensor) -> Tensor:
         """Adds the column sums of g and g * g (float64) into ``out`` (2, P); returns the
-        float64 row sums of g (non-finite where a row is)."""
-        row_sums = out.new_zeros(blocks[0].shape[0])
-        for sl, block in zip(self.jacobian.slices, blocks):
-            g = block.to(torch.float64)
+        float64 row sums of g (non-finite where a row is). One parameter's columns at a
+        time, so that the float64 copy stays small."""
+        row_sums = out.new_zeros(block.shape[0])
+        for sl in self.jacobian.slices:
+            g = block[:, sl].to(torch.float64)
             row_sums += g.sum(dim=1)
             out[0, sl] += g.sum(dim=0)
             out[1, sl] += g.square_().sum(dim=0)
@@ -210,7 +225,7 @@ class FisherVectors:
             chunks = self.chunks(data, progress) if source == "data" else self._sample_chunks()
             acc = torch.zeros(2, p + 1, dtype=torch.float64, device=self.device)
             for x, extras in chunks:
-                row_sums = self._column_sums(self.jacobian.gradient_blocks(x, extras), acc)
+                row_sums = self._column_sums(self.jacobian.gradients(x, extras), acc)
                 acc[0, -1] += nonfinite_rows(row_sums[:, None])
                 acc[1, -1] += x.shape[0]
             acc = self.reduce(acc)
@@ -276,32 +291,31 @@ class FisherVectors:
 
     def _matmat_folded(
         self, x: Tensor, extras: tuple[Tensor, ...], t: Tensor, c: Tensor | None
-    ) -> tuple[Tensor, list[Tensor] | None]:
-        """V_b Z from the folded operands; the raw gradient blocks when they were formed."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """V_b Z from the folded operands; the raw gradient block G_b (B, P) when it was
+        formed (one GEMM for the whole block: per parameter tensor, a deep network's
+        hundred small GEMMs cost more kernel launches than the copy into one block)."""
         if self.matrix_free:
-            y, blocks = self.jacobian.jvp(x, extras, t), None
+            y, block = self.jacobian.jvp(x, extras, t), None
         else:
-            blocks = self.jacobian.gradient_blocks(x, extras)
-            y = t.new_zeros(x.shape[0], t.shape[1])
-            for sl, block in zip(self.jacobian.slices, blocks):
-                y.addmm_(block, t[sl])
+            block = self.jacobian.gradients(x, extras)
+            y = block @ t
         # Z has no zero entries almost surely, so a non-finite V row gives a non-finite Y row.
-        return (y if c is None else y - c[None, :]), blocks
+        return (y if c is None else y - c[None, :]), block
 
     def _rmatmat_raw(
         self,
         x: Tensor,
         extras: tuple[Tensor, ...],
         y: Tensor,
-        blocks: list[Tensor] | None,
+        block: Tensor | None,
         out: Tensor,
     ) -> None:
         """out += G_b^T Y_b (unfolded: no centring or scaling)."""
-        if blocks is None:
+        if block is None:
             out += self.jacobian.vjp(x, extras, y)
         else:
-            for sl, block in zip(self.jacobian.slices, blocks):
-                out[sl].addmm_(block.T, y)
+            out.addmm_(block.T, y)
 
     def matmat(
         self,
@@ -332,8 +346,8 @@ class FisherVectors:
         summed over processes."""
         out, start = y.new_zeros(self.num_parameters, y.shape[1]), 0
         for x, extras in self.chunks(data):
-            blocks = None if self.matrix_free else self.jacobian.gradient_blocks(x, extras)
-            self._rmatmat_raw(x, extras, y[start : start + x.shape[0]], blocks, out)
+            block = None if self.matrix_free else self.jacobian.gradients(x, extras)
+            self._rmatmat_raw(x, extras, y[start : start + x.shape[0]], block, out)
             start += x.shape[0]
         if start != y.shape[0]:
             raise ValueError(f"`y` has {y.shape[0]} rows; the data has {start} examples.")
@@ -352,10 +366,10 @@ class FisherVectors:
         cols = torch.zeros(2, p, dtype=torch.float64, device=self.device)
         rows: list[Tensor] = []
         for x, extras in self.chunks(data, progress):
-            y, blocks = self._matmat_folded(x, extras, t, c)
-            self._rmatmat_raw(x, extras, y, blocks, m)
-            if frobenius and blocks is not None:
-                self._column_sums(blocks, cols)
+            y, block = self._matmat_folded(x, extras, t, c)
+            self._rmatmat_raw(x, extras, y, block, m)
+            if frobenius and block is not None:
+                self._column_sums(block, cols)
             rows.append(y)
         y_all = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
         m = self.reduce(self._unfold(m, y_all.sum(dim=0)))
@@ -373,16 +387,21 @@ class FisherVectors:
 
     def materialize(self, data: Data, progress: Progress | None = None) -> Tensor:
         """This process's rows of :math:`V` (n_local x P)."""
-        parts = []
+        # filled in place: V once in memory, not its chunks and their concatenation
+        v = torch.empty(
+            count_examples(data), self.num_parameters, dtype=self.dtype, device=self.device
+        )
+        start = 0
         for x, extras in self.chunks(data, progress):
-            v = self.jacobian.gradients(x, extras)
+            rows = v[start : start + x.shape[0]]
+            rows.copy_(self.jacobian.gradients(x, extras))
             if self.mean_score is not None:
-                v.sub_(self.mean_score)
-            parts.append(v if self.scale is None else v.mul_(self.scale))
-        if not parts:
-            shape = (0, self.num_parameters)
-            parts = [torch.zeros(shape, dtype=self.dtype, device=self.device)]
-        v = torch.cat(parts)
+                rows.sub_(self.mean_score)
+            if self.scale is not None:
+                rows.mul_(self.scale)
+            start += x.shape[0]
+        if start != v.shape[0]:
+            raise ValueError(f"`data` gave {start} examples; it had {v.shape[0]} when counted.")
         tail = self.reduce(_row_counts(v))
         raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
         return v
@@ -396,14 +415,15 @@ def _row_counts(rows: Tensor) -> Tensor:
     return counts
 
 
-def _check_energy(jac: ScoreJacobian, data: Data, max_rows: int) -> None:
+def _check_energy(jac: ScoreJacobian, data: Data) -> int:
     """On up to 4 examples: one scalar per example, deterministic, each example's score
-    independent of the rest of its batch (no batch statistics)."""
+    independent of the rest of its batch (no batch statistics). Returns the bytes of
+    activations one example's backward keeps (:func:`activation_bytes`)."""
     for batch in data.split(4) if isinstance(data, Tensor) else data:
         x = first_tensor(batch)[:4]
         if x.shape[0] == 0:
             continue
-        x = next(iter_chunks(x, max_rows, jac.device, jac.dtype))
+        x = next(iter_chunks(x, 4, jac.device, jac.dtype))
         extras = jac.energy.extras(x)
         name = type(jac.energy).__name__
         out = jac.scores(x, extras)
@@ -437,7 +457,8 @@ def _check_energy(jac: ScoreJacobian, data: Data, max_rows: int) -> None:
                 "statistics in eval mode (BatchNorm with track_running_stats=False?). The NFK "
                 "needs a per-example score: use running statistics or GroupNorm/LayerNorm."
             )
-        return
+        return activation_bytes(jac, x, extras)
+    return 0
 
 
 def _agree(a: Tensor, b: Tensor) -> bool:
@@ -473,8 +494,13 @@ def prepare_fisher_vectors(
     check_data(data)
     jac = ScoreJacobian(energy)
     n_local = count_examples(data)
-    count = reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=jac.device))
-    n, p = int(count.item()), jac.num_parameters
+    rank, world = rank_and_world_size()
+    # N and the smallest memory budget of all ranks (the same strategy everywhere)
+    budget = config.memory_budget or device_budget(jac.device, processes_per_host=world)
+    shared = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
+    shared[0], shared[1 + rank] = n_local, budget
+    shared = reduce(shared).tolist()
+    n, p, budget = int(shared[0]), jac.num_parameters, int(min(shared[1:]))
     if n == 0:
         raise ValueError("`data` is empty: the NFK needs at least one fitting example.")
     if config.columns > min(n, p):
@@ -483,22 +509,30 @@ def prepare_fisher_vectors(
             f"exceed min(number of examples, number of parameters) = min({n}, {p}). Lower `k` "
             "or `oversample`, or fit on more examples."
         )
-    strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize)
-    op = FisherVectors(jac, config, strategy, reduce)
-    error = None
+    # a dense problem that cannot fit even without activations: refused before any evaluation
+    rows_only = FisherVectors(jac, config, "blocked", reduce, memory_budget=budget)
+    _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, rows_only, world)
+    error, activations = None, 0
     if n_local > 0:  # checks of this rank's data; every rank learns of a refusal
         try:
             check_same_examples(data)
-            _check_energy(jac, data, op.max_rows)
+            activations = _check_energy(jac, data)
         except (ValueError, TypeError) as e:
             error = e
-    refused = reduce(
-        torch.tensor([float(error is not None)], dtype=torch.float64, device=jac.device)
-    )
+    # refusals, and the largest activations of all ranks (the same sizing everywhere)
+    checked = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
+    checked[0], checked[1 + rank] = float(error is not None), activations
+    checked = reduce(checked).tolist()
     if error is not None:
         raise error
-    if refused.item() > 0:
+    if checked[0] > 0:
         raise ValueError("Another process refused its shard of the fitting data (see its error).")
+    activations = int(max(checked[1:]))
+    block = FisherVectors(
+        jac, config, "blocked", reduce, memory_budget=budget, activations=activations
+    )
+    strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, block, world)
+    op = FisherVectors(jac, config, strategy, reduce, memory_budget=budget, activations=activations)
     stats = op.fit_statistics(data, progress)
     if stats.sum_of_squares == 0:
         raise ValueError(
@@ -508,15 +542,35 @@ def prepare_fisher_vectors(
     return op, n
 
 
-def _resolve_strategy(config: NFKConfig, n: int, p: int, itemsize: int) -> str:
-    need = n * p * itemsize + min(n, p) ** 2 * 8  # V and its float64 Gram matrix
-    fits = need <= config.memory_budget
+def _dense_bytes(n: int, p: int, itemsize: int, block_bytes: int, world: int) -> int:
+    """Peak bytes of the dense path: V (and, under DDP, the gathered V beside this rank's
+    rows), the smaller Gram matrix with its float64 copy and eigendecomposition, one
+    gradient block."""
+    v = n * p * itemsize * (1 if world == 1 else 2)
+    return v + min(n, p) ** 2 * (itemsize + 3 * 8) + block_bytes
+
+
+def _resolve_strategy(
+    config: NFKConfig,
+    n: int,
+    p: int,
+    itemsize: int,
+    budget: int,
+    block: FisherVectors,
+    world: int,
+) -> str:
+    block_bytes = min(block.max_rows, n) * block.bytes_per_row
+    need = _dense_bytes(n, p, itemsize, block_bytes, world)
+    fits = need <= budget
     if config.strategy == "dense" and not fits:
+        whose = "`memory_budget`" if config.memory_budget else "the memory budget"
+        if not config.memory_budget:
+            whose += " (half of the device's available memory; set `memory_budget` to choose)"
         raise ValueError(
-            f"strategy='dense' needs V ({n} x {p}) and its Gram matrix in memory: "
-            f"{need / 2**20:.0f} MiB, more than `memory_budget` "
-            f"({config.memory_budget / 2**20:.0f} MiB). Raise `memory_budget`, fit fewer "
-            "examples, or (LowRankNFK) use strategy='blocked' or 'auto'."
+            f"strategy='dense' needs V ({n} x {p}), its Gram matrix and a gradient block in "
+            f"memory: {need / 2**20:.0f} MiB, more than {whose}: {budget / 2**20:.0f} MiB. "
+            "Raise `memory_budget`, fit fewer examples, or (LowRankNFK) use "
+            "strategy='blocked' or 'auto'."
         )
     if config.strategy != "auto":
         return config.strategy

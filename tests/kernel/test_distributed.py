@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -58,6 +59,19 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             shard = case.x[:SPLIT] if rank == 0 else case.x[SPLIT:]
             loader = DataLoader(TensorDataset(shard), batch_size=8)
             results[f"{name}-{strategy}"] = _fit(case, strategy, loader)
+        # device budgets that differ by rank (free GPU memory does): rank 0's would make
+        # `auto` choose dense, rank 1's blocked; every rank must take the smallest
+        budget = 2**34 if rank == 0 else 60_000
+        with mock.patch(
+            "lightning_nfk.kernel.fisher_vectors.device_budget", lambda *a, **k: budget
+        ):
+            case = make_case("cnn")
+            nfk = LowRankNFK(case.energy, k=3, oversample=6, n_iter=2)
+            nfk.fit(case.x[:SPLIT] if rank == 0 else case.x[SPLIT:])
+        results["auto"] = {
+            "strategy": nfk.strategy_used,
+            "max_rows": torch.tensor(nfk._fitted_operator().max_rows),
+        }
         results["exact"] = exact_nfk(
             make_case("mlp").energy,
             make_case("mlp").x[:SPLIT] if rank == 0 else make_case("mlp").x[SPLIT:],
@@ -97,6 +111,12 @@ def test_two_processes_equal_one(two_process_results, run):
         torch.testing.assert_close(
             r0[key], value, rtol=1e-9, atol=4096 * eps * value.abs().max().item()
         )
+
+
+def test_every_rank_takes_the_smallest_device_budget(two_process_results):
+    r0, r1 = (r["auto"] for r in two_process_results)
+    assert r0["strategy"] == r1["strategy"] == "blocked"
+    assert r0["max_rows"] == r1["max_rows"] < 48
 
 
 def test_exact_path_gathers_all_rows(two_process_results):

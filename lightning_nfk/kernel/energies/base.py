@@ -81,6 +81,7 @@ class Energy(abc.ABC):
 
     def __init__(self, module: nn.Module, *, parameters: Sequence[str] | None = None) -> None:
         _check_module("module", module)
+        module = uncompiled(module)
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError(
                 "`module` has no parameter with requires_grad=True: the kernel is defined by "
@@ -183,3 +184,14 @@ def scalar_per_example(out: Tensor, what: str) -> Tensor:
     if out.ndim != 1:
         raise ValueError(f"{what}, shape (B,) or (B, 1); got shape {tuple(out.shape)}.")
     return out
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(module)`` wraps (the module itself otherwise).
+
+    The engine differentiates the original module with ``torch.func``: its parameter
+    names carry no ``_orig_mod.`` prefix, and per-example gradients need no graph capture.
+    Training keeps the compiled forward; both share the same parameters.
+    """
+    original = getattr(module, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else module

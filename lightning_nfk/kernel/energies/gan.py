@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_nfk.kernel.energies.base import Energy, _check_module, scalar_per_example
+from lightning_nfk.kernel.energies.base import Energy, _check_module, scalar_per_example, uncompiled
 
 LatentSampler = Callable[[int, torch.Generator], Tensor]
 
@@ -73,7 +73,7 @@ class GANEnergy(Energy):
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        self.generator = generator
+        self.generator = uncompiled(generator)
         self.latent_dim = latent_dim
         self.latent_sampler = latent_sampler
         self.num_samples = num_samples

@@ -1,0 +1,107 @@
+"""How much memory a fit may use, and what one example of a gradient block costs.
+
+The default budget comes from the device the kernel runs on: on CUDA, half of what the
+allocator can still give (free device memory plus what PyTorch's cache holds unused);
+on the CPU, half of the host's available memory, shared by the processes of the run.
+Every process of a distributed fit takes the smallest budget of all, so that they all
+resolve the same strategy.
+
+A gradient block of B examples holds, besides its B x P rows (the per-example gradients
+``vmap`` returns, their concatenation into one block, and the backward's temporaries), the
+activations that the backward pass of each example keeps: for a convolutional network
+they can outweigh the rows, and for a VAE they grow with its noise samples (S decoder
+passes per example). :func:`activation_bytes` measures them, as the bytes the autograd
+graph saves per example (``torch.autograd.graph.saved_tensors_hooks``), on two small
+batches, so that parameters saved by every batch cancel out.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from lightning_nfk.kernel.config import DEFAULT_MEMORY_BUDGET
+from lightning_nfk.kernel.per_example import ScoreJacobian
+
+DEVICE_MEMORY_FRACTION = 0.5
+"""Share of the device's available memory that a fit takes by default."""
+ROW_COPIES = 4
+"""Copies of a gradient row a block holds at its peak (vmap's output, the concatenated
+block, the backward's per-example weight gradients, one spare)."""
+ACTIVATION_COPIES = 2
+"""Saved activations and their gradients during the backward pass."""
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give this process (None when it cannot tell)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type == "cpu":
+        return _host_available()
+    return None
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_budget(device: torch.device, processes_per_host: int = 1) -> int:
+    """The default budget: :data:`DEVICE_MEMORY_FRACTION` of :func:`available_memory`,
+    divided among ``processes_per_host`` on the CPU (they share the host's memory), else
+    :data:`DEFAULT_MEMORY_BUDGET`."""
+    free = available_memory(device)
+    if free is None:
+        return DEFAULT_MEMORY_BUDGET
+    share = processes_per_host if device.type == "cpu" else 1
+    return max(1, int(DEVICE_MEMORY_FRACTION * free) // max(1, share))
+
+
+def activation_bytes(jac: ScoreJacobian, x: Tensor, extras: tuple[Tensor, ...]) -> int:
+    """Bytes the autograd graph of the score saves per example, measured on ``x[:1]`` and
+    ``x[:2]`` (0 when ``x`` has fewer than two rows: nothing to compare)."""
+    if x.shape[0] < 2:
+        return 0
+    theta = {n: t.detach().requires_grad_() for n, t in jac.theta.items()}
+    x, extras = x[:2].clone(), tuple(e[:2].clone() for e in extras)  # no inference tensors
+
+    def saved(b: int) -> int:
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            jac._call(theta, x[:b], tuple(e[:b] for e in extras))
+        return total
+
+    try:
+        return max(0, saved(2) - saved(1))
+    except RuntimeError:  # a score plain autograd cannot run: size by the rows alone
+        return 0
+
+
+def bytes_per_row(
+    num_parameters: int, itemsize: int, activations: int, matrix_free_columns: int = 0
+) -> int:
+    """Peak bytes one example adds to a block: :data:`ROW_COPIES` gradient rows and
+    :data:`ACTIVATION_COPIES` of its saved activations, or, for matrix-free products over
+    ``matrix_free_columns`` tangents (``vmap`` over the columns holds a copy of the
+    activations for each), that many copies more."""
+    copies = ACTIVATION_COPIES * (1 + matrix_free_columns)
+    return ROW_COPIES * num_parameters * itemsize + copies * activations
