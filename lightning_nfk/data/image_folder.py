@@ -71,5 +71,5 @@ def read_image_folder(
                     f"{str(path)!r} is {tuple(image.shape)} (C, H, W); every image must be {shape}."
                 )
             images.append(image)
-        labels.append(torch.full((len(files),), label, dtype=torch.int64))
+        labels.append(torch.full((len(files),), label, dtype=torch.int64, device="cpu"))
     return torch.stack(images), torch.cat(labels), found

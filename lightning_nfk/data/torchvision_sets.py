@@ -68,7 +68,7 @@ class CIFAR10DataModule(ImageDataModule):
         images = torch.from_numpy(
             np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
         )  # (N, 3, 32, 32)
-        return images, torch.tensor(ds.targets, dtype=torch.int64)
+        return images, torch.tensor(ds.targets, dtype=torch.int64, device="cpu")
 
 
 class SVHNDataModule(ImageDataModule):

@@ -107,7 +107,7 @@ def select_and_fit(
     check_scaling(scaling)
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g).to(x.device)
+    perm = torch.randperm(n, generator=g, device="cpu").to(x.device)
     n_hold = max(1, round(holdout * n))
     hold, fit = perm[:n_hold], perm[n_hold:]
     best, best_acc = None, -1.0

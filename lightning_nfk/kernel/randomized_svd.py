@@ -140,5 +140,5 @@ def _single_pass(z: Tensor, m: Tensor, k: int, trace_estimate: Tensor) -> RitzPa
     sigma = evals.sqrt()
     inv = torch.where(sigma > 0, 1.0 / sigma, torch.zeros_like(sigma))
     vectors = (bt @ u * inv).to(z.dtype)
-    residuals = torch.full((k,), float("nan"), dtype=torch.float64)
+    residuals = torch.full((k,), float("nan"), dtype=torch.float64, device="cpu")
     return RitzPairs(evals, vectors, residuals, trace_estimate)

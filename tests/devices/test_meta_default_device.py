@@ -61,3 +61,62 @@ def test_exact_nfk(name):
         rtol=1e-10,
         atol=1e-12 * float(expected.singular_values[0]),
     )
+
+
+@contextlib.contextmanager
+def _hook_under_meta(pl_module):
+    """A callback hook under a ``meta`` default device; Lightning's own logging (which
+    creates device-less tensors of its own) runs outside it."""
+    log = pl_module.log
+
+    def lightning_log(*args, **kwargs):
+        torch.set_default_device(None)
+        try:
+            return log(*args, **kwargs)
+        finally:
+            torch.set_default_device("meta")
+
+    pl_module.log = lightning_log
+    try:
+        with meta_default_device():
+            yield
+    finally:
+        del pl_module.log
+
+
+def _under_meta(callback_class):
+    """The callback with its epoch-end work run under a ``meta`` default device."""
+
+    class Emulated(callback_class):
+        def on_train_epoch_end(self, trainer, pl_module):
+            with _hook_under_meta(pl_module):
+                super().on_train_epoch_end(trainer, pl_module)
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            with _hook_under_meta(pl_module):
+                super().on_validation_epoch_end(trainer, pl_module)
+
+    return Emulated
+
+
+@pytest.mark.parametrize("features", ["nfk", "own fit", "layer"])
+def test_callback_fits(tmp_path, features):
+    import pytorch_lightning as pl
+
+    from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
+    from tests.helpers.data import RandomImageDataModule
+    from tests.helpers.lightning import quick_trainer, tiny_classifier
+
+    probe_features = {"nfk": "nfk", "own fit": "nfk", "layer": "net.4"}[features]
+    callbacks = [_under_meta(LinearProbeCallback)(features=probe_features, max_train=128)]
+    if features == "nfk":
+        callbacks.insert(0, _under_meta(NFKSpectrumCallback)(k=4, oversample=4, probe_size=64))
+    pl.seed_everything(0)
+    trainer = quick_trainer(tmp_path, callbacks, limit_train_batches=2)
+    trainer.fit(tiny_classifier(), RandomImageDataModule(batch_size=32))
+    for cb in callbacks:
+        assert cb.history, type(cb).__name__
+    metrics = trainer.callback_metrics
+    assert 0.0 <= float(metrics["probe/acc"]) <= 1.0
+    if features == "nfk":
+        assert float(metrics["nfk/sigma_1"]) > 0
