@@ -202,9 +202,9 @@ class LowRankNFK:
         self._fixed_order = has_fixed_order(data)
         self._fit = NFKFit(
             singular_values=sigma,
-            components=components,
+            components=components.to(op.device, op.dtype),  # where transform uses them
             residuals=residuals,
-            total_variance=torch.tensor(total, dtype=torch.float64),
+            total_variance=torch.tensor(total, dtype=torch.float64, device="cpu"),
             total_variance_is_exact=exact,
             num_examples=n,
             num_parameters=op.num_parameters,
@@ -219,17 +219,22 @@ class LowRankNFK:
         v = gather_rows(local, self.reduce)
         sigma, right, _ = exact_decomposition(v, self.config.k)
         total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square().item()
-        residuals = torch.zeros(self.config.k, dtype=torch.float64)
+        residuals = torch.zeros(self.config.k, dtype=torch.float64, device="cpu")
         return sigma.to(op.dtype), right, residuals, total, True, local @ right
 
     def _fit_randomized(self, op: FisherVectors, data: Data, progress: Progress | None):
+        # the first pass (its ||V||_F^2) and the last (its rows); not every pass's P x l
+        # product, which would hold n_iter + 1 sketches in memory
         passes: list[PassResult] = []
 
         def normal_matmat(z: Tensor) -> Tensor:
             # ||V||_F^2 from the first pass, unless the statistics already gave it exactly
             want = not passes and op.statistics.sum_of_squares is None
-            passes.append(op.normal_matmat(data, z, frobenius=want, progress=progress))
-            return passes[-1].product
+            result = op.normal_matmat(data, z, frobenius=want, progress=progress)
+            passes[1:] = [result._replace(product=None)]
+            if len(passes) == 1:
+                passes.insert(0, result._replace(product=None))
+            return result.product
 
         ritz = subspace_iteration(
             normal_matmat,
@@ -252,16 +257,29 @@ class LowRankNFK:
         return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact, embedding
 
     # -- embeddings ---------------------------------------------------------------------------
-    def transform(self, data: Data) -> Tensor:
+    def transform(self, data: Data, *, check_finite: bool = True) -> Tensor:
         """Embeddings :math:`e(x) = V_x P` (Eq. 4-5) of any inputs; shape (n, k).
 
         Local: no collective, each process embeds what it is given. On the fitting data
         this equals :math:`\\Phi\\,\\mathrm{diag}(\\sigma)` (up to the sign of each column).
+        The components already sit on the operator's device in its dtype (since ``fit`` or
+        ``load``): nothing is copied per call.
+
+        Args:
+            data: a tensor of inputs ``(n, ...)`` or an iterable of batches, as for ``fit``.
+            check_finite: raise when some inputs have non-finite scores or per-example
+                gradients, which costs one host sync per call. With False there is no host
+                sync (for per-step use on an accelerator, e.g. online distillation targets):
+                such inputs then come back as rows of NaN or inf instead of an error.
+
+        Raises:
+            NonFiniteGradientError: some inputs have non-finite scores or per-example
+                gradients (only with ``check_finite=True``).
         """
         check_data(data)
         op = self._fitted_operator()
         with kernel_mode(op.energy):
-            return op.matmat(data, self.components.to(op.device, op.dtype))
+            return op.matmat(data, self.components, check_finite=check_finite)
 
     def _fitted_operator(self) -> FisherVectors:
         if self._op is None:
@@ -301,6 +319,8 @@ class LowRankNFK:
         fit = NFKFit(**state["result"])
         op = FisherVectors(jac, self.config, fit.strategy, self.reduce)
         op.load_statistics(fit.mean_score, fit.fisher_diagonal)
+        # once, here: transform then never copies them (whatever `map_location` gave)
+        fit = dataclasses.replace(fit, components=fit.components.to(op.device, op.dtype))
         self._op, self._fit, self._fit_embedding = op, fit, None
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -341,7 +361,8 @@ class NFKFit:
 
     Attributes:
         singular_values: (k,) singular values :math:`\\sigma_i` of :math:`V`, descending.
-        components: (P, k) right singular vectors :math:`P` (orthonormal columns).
+        components: (P, k) right singular vectors :math:`P` (orthonormal columns), on the
+            kernel module's device in the compute dtype (also after ``load``).
         residuals: (k,) relative residuals :math:`\\|V^\\top V p_i - \\sigma_i^2 p_i\\| /
             \\sigma_i^2`, a computable bound on each eigenvalue's relative error (zeros for
             ``dense``, NaN for ``n_iter = 0``).
@@ -421,9 +442,15 @@ def _check_state(state: object, energy: Energy, path: object = "the state") -> N
     if saved is not None and saved != current:
         diff = [k for k in dict.fromkeys([*saved, *current]) if saved.get(k) != current.get(k)]
         said = ", ".join(f"{k}={saved.get(k)!r} (the energy has {current.get(k)!r})" for k in diff)
+        # a `*_version` setting is how the score is computed, not an option one can pass
+        cure = (
+            "it was fitted by an older lightning-nfk: fit again and save"
+            if any(k.endswith("_version") for k in diff)
+            else "build the energy with the saved settings"
+        )
         raise ValueError(
             f"{path} was fitted with another {type(energy).__name__}: {said}. Its components "
-            "would embed another score function; build the energy with the saved settings."
+            f"would embed another score function; {cure}."
         )
 
 

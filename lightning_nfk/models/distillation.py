@@ -56,11 +56,13 @@ class NFKDistillationModule(pl.LightningModule):
     * ``"precomputed"``: the embeddings of the training split's clean images, taken from
       the fit's last pass and looked up by example index (the data module must return
       ``(x, y, index)``: ``with_index=True``). Under augmentation the target of an augmented
-      image is its clean image's embedding. Costs nothing per step; memory N x k (the
-      teacher's NFK components are dropped after the fit).
+      image is its clean image's embedding. Costs nothing per step (the tables sit on the
+      module's device and are indexed with the batch's index there: no host sync); memory
+      N x k (the teacher's NFK components are dropped after the fit).
     * ``"online"``: :math:`e(x)` of each augmented batch, through the teacher's per-example
       gradients (one k-column product per batch; the components, |theta_t| x k, stay in
-      memory). Costs about one teacher backward per example per step.
+      memory on the teacher's device). Costs about one teacher backward per example per
+      step, and no host sync: a non-finite target shows as a NaN loss, not an error.
 
     Target scaling (``target_scaling``): ``"standardize"`` divides component i by its root
     mean square over the fitting set, :math:`\\sigma_i / \\sqrt{N}`, so that every
@@ -258,6 +260,18 @@ class NFKDistillationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.mode != "nfkd":
             return
+        self._fit_targets()
+        # once: every step then indexes the tables with the batch's index where it is
+        self.teacher_targets.to(self.device)
+
+    @override
+    def on_validation_start(self) -> None:
+        if self.mode == "nfkd":  # `validate` after a restore: tables read onto the CPU
+            self.teacher_targets.to(self.device)
+
+    def _fit_targets(self) -> None:
+        """Fit the teacher's NFK, or read it from ``nfk_cache``, unless the tables were
+        restored from a checkpoint of the same training split."""
         dm = self.trainer.datamodule
         if self._restored_tables is not None and self.targets == "precomputed":
             if self.teacher_targets.matches(dm.dataset("train")):
@@ -290,13 +304,14 @@ class NFKDistillationModule(pl.LightningModule):
 
     def _scaled_targets(self, batch: Any, table: Tensor | None) -> Tensor:
         """The batch's targets: looked up in ``table`` by index, or (``table`` None)
-        computed from the batch's images."""
+        computed from the batch's images. On the batch's device, without a host sync:
+        the table and the scale are there already (``on_fit_start``)."""
         x = batch[0]
         tt = self.teacher_targets
         if table is None:
             q = tt.embed(x)
         elif len(batch) > 2:
-            q = table[batch[2].cpu()]
+            q = table[batch[2]]
         else:
             raise ValueError(
                 "targets='precomputed' needs batches (x, y, index): set `with_index: true` "
@@ -305,7 +320,7 @@ class NFKDistillationModule(pl.LightningModule):
         q = q.to(x.device, torch.float32)
         if self.target_scaling == "standardize":
             assert tt.rms is not None
-            q = q / tt.rms.to(q.device).clamp_min(torch.finfo(q.dtype).tiny)
+            q = q / tt.rms.clamp_min(torch.finfo(q.dtype).tiny)
         return q
 
     def _teacher_term(self, h: Tensor, q: Tensor) -> Tensor:

@@ -9,6 +9,10 @@ classifier energy) on the un-augmented training split, sharded over the ranks, a
 * the per-component scale :math:`\\sigma_i / \\sqrt{N}` (the root mean square of component
   i over the fitting set), by which ``target_scaling="standardize"`` divides.
 
+The tables and the scale live on the teacher's device (:meth:`TeacherTargets.to` after a
+load), so that a training step looks its targets up with the batch's index tensor where
+it is: no host sync, no copy per step. Checkpoints and the cache hold them on the CPU.
+
 A cache file (``nfk_cache``) keeps all of it across runs (seeds, baselines, resumption): it
 is used only when the teacher's weights, the NFK settings and the fitting data match.
 """
@@ -72,9 +76,9 @@ def data_fingerprint(dataset: Any) -> Tensor:
     """(2,) float64: the number of examples and the sum of 16 evenly spaced inputs: enough to
     tell another split, subset or normalisation from the one a cache was fitted on."""
     n = len(dataset)
-    picks = torch.linspace(0, n - 1, min(n, _FINGERPRINT_ITEMS)).long().tolist()
+    picks = torch.linspace(0, n - 1, min(n, _FINGERPRINT_ITEMS), device="cpu").long().tolist()
     total = sum(float(_inputs(dataset[i]).double().sum()) for i in picks)
-    return torch.tensor([float(n), total], dtype=torch.float64)
+    return torch.tensor([float(n), total], dtype=torch.float64, device="cpu")
 
 
 def _inputs(item: Any) -> Tensor:
@@ -92,9 +96,9 @@ class TeacherTargets:
     def __init__(self, teacher: nn.Module, config: NFKConfig) -> None:
         self.teacher, self.config = teacher, config
         self.nfk: LowRankNFK | None = None
-        self.train: Tensor | None = None  # (N, k)
-        self.val: Tensor | None = None  # (N_val, k) or None
-        self.rms: Tensor | None = None  # (k,) sigma / sqrt(N)
+        self.train: Tensor | None = None  # (N, k), on the device the steps run on
+        self.val: Tensor | None = None  # (N_val, k) or None, same device
+        self.rms: Tensor | None = None  # (k,) sigma / sqrt(N), same device
         self.fingerprint: Tensor | None = None
         self.seconds = 0.0
 
@@ -122,46 +126,72 @@ class TeacherTargets:
                 val = None
                 if val_set is not None and len(val_set) > 0:
                     val_local = nfk.transform(self._shard_loader(trainer, val_set, batch_size))
-                    val = gather_rows(val_local.to(device), reduce).cpu()
-            train = gather_rows(local.to(device), reduce).cpu()
+                    val = gather_rows(val_local.to(device), reduce)
+            train = gather_rows(local.to(device), reduce)
         self.nfk, self.train, self.val = nfk, train, val
-        self.rms = (nfk.singular_values.double() / nfk.num_examples**0.5).float()
+        self.rms = (nfk.singular_values.double() / nfk.num_examples**0.5).float().to(device)
         self.fingerprint = data_fingerprint(train_set)
         self.seconds = time.perf_counter() - start
 
     @staticmethod
     def _shard_loader(trainer: pl.Trainer, dataset: Any, batch_size: int) -> DataLoader:
-        shard, _ = local_shard(trainer, torch.arange(len(dataset)))
-        return DataLoader(Subset(dataset, shard.tolist()), batch_size=batch_size, shuffle=False)
+        """This rank's shard in order, read with the data module's ``num_workers`` (kept
+        alive over the fit's passes) and pinned when the trainer runs on CUDA."""
+        shard, _ = local_shard(trainer, torch.arange(len(dataset), device="cpu"))
+        workers = getattr(trainer.datamodule, "num_workers", 0)
+        workers = workers if isinstance(workers, int) and workers > 0 else 0
+        return DataLoader(
+            Subset(dataset, shard.tolist()),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=trainer.strategy.root_device.type == "cuda",
+        )
 
     @property
     def is_ready(self) -> bool:
         return self.train is not None
 
+    def to(self, device: torch.device) -> TeacherTargets:
+        """Move the tables and the scale to ``device`` (once, after a fit, a load or a
+        restore; nothing is copied when they are there already). Returns self."""
+        for name in ("train", "val", "rms"):
+            t = getattr(self, name)
+            if t is not None and t.device != device:
+                setattr(self, name, t.to(device))
+        return self
+
     def embed(self, x: Tensor) -> Tensor:
         """Online targets: :math:`e(x) = V_x P` of a batch (no collective), in the fit's
-        precision whatever autocast is active."""
+        precision whatever autocast is active.
+
+        No host sync: an input whose teacher gradients are not finite gives a row of NaN
+        or inf (the loss shows it) rather than an error, which would cost a sync per step.
+        """
         if self.nfk is None:
             raise RuntimeError(
                 "The teacher's NFK components are not held (precomputed targets keep only "
                 "the tables): online targets need targets='online' or an `nfk_cache`."
             )
-        with trainable(self.teacher), torch.autocast(x.device.type, enabled=False):
-            return self.nfk.transform(x)
+        with trainable(self.teacher):  # transform turns autocast and TF32 off itself
+            return self.nfk.transform(x, check_finite=False)
 
     # -- checkpoint and cache ------------------------------------------------------------------
     def tables(self) -> dict[str, Any]:
-        """What a checkpoint keeps: the tables and scale (N x k floats), not the components."""
+        """What a checkpoint keeps: the tables and scale (N x k floats, on the CPU), not the
+        components."""
         return {
-            "train": self.train,
-            "val": self.val,
-            "rms": self.rms,
+            "train": _cpu(self.train),
+            "val": _cpu(self.val),
+            "rms": _cpu(self.rms),
             "fingerprint": self.fingerprint,
             "config": self.config.as_dict(),
         }
 
     def load_tables(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`tables` (from a checkpoint).
+        """Restore :meth:`tables` (from a checkpoint; they stay where they were read until
+        :meth:`to`).
 
         Raises:
             ValueError: tables fitted with other ``k``, ``n_iter``, ... than this module's.
@@ -233,6 +263,10 @@ class TeacherTargets:
         self.nfk = nfk
         self.load_tables(state)
         return None
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.cpu()
 
 
 def fit_or_load(

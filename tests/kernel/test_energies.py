@@ -14,12 +14,14 @@ from tests.helpers.models import TinyGenerator, TinyVAE, tiny_discriminator
 
 
 def test_vae_noise_depends_on_the_example_only():
+    # bit-identical: every operation of the draw is exact (tests/kernel/test_frozen_noise.py)
     energy = VAEEnergy(TinyVAE(), num_samples=2)
     x = torch.rand(6, 8)
     (eps,) = energy.extras(x)
     assert eps.shape == (6, 2, 3)
     (one,) = energy.extras(x[3:4])
     assert torch.equal(one[0], eps[3])
+    assert torch.equal(torch.cat([energy.extras(part)[0] for part in x.split([1, 3, 2])]), eps)
     (perm,) = energy.extras(x.flip(0))
     assert torch.equal(perm, eps.flip(0))
     (as64,) = energy.extras(x.double())
@@ -27,6 +29,52 @@ def test_vae_noise_depends_on_the_example_only():
     (other_seed,) = VAEEnergy(TinyVAE(), num_samples=2, seed=1).extras(x)
     assert not torch.equal(other_seed, eps)
     assert not torch.equal(eps[0], eps[1])
+
+
+def test_vae_noise_names_its_device():
+    """Drawn where the inputs are, with no device-less tensor: under a ``meta`` default
+    device (what CUDA does to a CPU/GPU mix) the same noise, on the inputs' device."""
+    energy = VAEEnergy(TinyVAE(), num_samples=4)
+    x = torch.rand(5, 8, dtype=torch.float64)
+    (expected,) = energy.extras(x)
+    torch.set_default_device("meta")
+    try:
+        (got,) = energy.extras(x)
+    finally:
+        torch.set_default_device(None)
+    assert got.device.type == "cpu" and got.dtype == torch.float64
+    assert torch.equal(got, expected)
+
+
+def test_vae_noise_statistics():
+    """Standard normal draws, antithetic pairs exact negatives, independent across
+    examples; tolerances: five standard errors under independent N(0, 1) draws."""
+    energy = VAEEnergy(TinyVAE(latent_dim=8), num_samples=8, seed=5)
+    x = torch.rand(2000, 8, generator=torch.Generator(device="cpu").manual_seed(0))
+    (eps,) = energy.extras(x)  # (2000, 8, 8): samples 4..7 are -(samples 0..3)
+    assert torch.equal(eps[:, 4:], -eps[:, :4])
+    free = eps[:, :4].double()
+    m = free.numel()
+    assert abs(float(free.mean())) <= 5 / math.sqrt(m)
+    assert abs(float(free.var()) - 1) <= 5 * math.sqrt(2 / m)
+    assert abs(float((free[1:] * free[:-1]).mean())) <= 5 / math.sqrt(free[1:].numel())
+    (odd,) = VAEEnergy(TinyVAE(latent_dim=8), num_samples=3).extras(x[:4])
+    assert odd.shape == (4, 3, 8) and not torch.equal(odd[:, 1], -odd[:, 0])
+
+
+def test_vae_kernel_saved_with_the_old_noise_draw_is_refused(tmp_path):
+    vae = TinyVAE()
+    path = tmp_path / "vae.nfk"
+    LowRankNFK(VAEEnergy(vae), k=2, n_iter=1).fit(torch.rand(24, 8)).save(path)
+    state = torch.load(path, weights_only=True)
+    del state["energy_settings"]["noise_version"]  # as lightning-nfk 0.1.0.dev0 saved it
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError,
+        match=r"noise_version=None \(the energy has 2\).*fitted by an older lightning-nfk: fit "
+        "again and save",
+    ):
+        LowRankNFK.load(path, VAEEnergy(vae))
 
 
 def test_vae_elbo_value_gaussian():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -22,7 +23,7 @@ from torch import nn
 
 from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK
 from lightning_nfk.models import ClassifierModule, NFKDistillationModule, WideResNet
-from lightning_nfk.models.teacher_targets import trainable
+from lightning_nfk.models.teacher_targets import TeacherTargets, trainable
 from lightning_nfk.trainer_utils import stack_items
 from tests.helpers.data import RandomImageDataModule
 
@@ -190,6 +191,24 @@ def test_cache_is_reused_and_refused_for_another_teacher(tmp_path, monkeypatch):
         third = module("nfkd", seed=3, nfk_cache=str(cache))
         trainer(limit_train_batches=1, limit_val_batches=1).fit(third, data(augment=False))
     assert not torch.equal(third.teacher_targets.train, first.teacher_targets.train)
+
+
+def test_the_teacher_loader_reads_with_the_data_modules_workers():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(10, 2))
+
+    def trainer(datamodule, device: str):
+        strategy = SimpleNamespace(root_device=torch.device(device))
+        return SimpleNamespace(
+            datamodule=datamodule, strategy=strategy, global_rank=1, world_size=2
+        )
+
+    loader = TeacherTargets._shard_loader(
+        trainer(SimpleNamespace(num_workers=1), "cpu"), dataset, 4
+    )
+    assert loader.num_workers == 1 and loader.persistent_workers and not loader.pin_memory
+    assert list(loader.dataset.indices) == [5, 6, 7, 8, 9]  # this rank's shard, in order
+    loader = TeacherTargets._shard_loader(trainer(None, "cuda"), dataset, 4)
+    assert loader.num_workers == 0 and loader.pin_memory
 
 
 def _losses(version_dir: Path) -> dict[int, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -12,6 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_nfk.kernel.energies.base import Energy
+from lightning_nfk.kernel.energies.frozen_noise import frozen_normal
+
+# The way the frozen noise is drawn (a saved kernel embeds with the noise of its fit):
+# 1 = a CPU generator per example seeded by a BLAKE2b hash (lightning-nfk 0.1.0.dev0);
+# 2 = Philox4x32-10 keyed by a universal hash, on the example's device (frozen_noise).
+NOISE_VERSION = 2
 
 
 class VAEEnergy(Energy):
@@ -22,11 +27,13 @@ class VAEEnergy(Energy):
         \\mathrm{ELBO}(x) = \\frac{1}{S}\\sum_{s=1}^S \\log p_\\theta(x \\mid
         \\mu(x) + \\sigma(x) \\odot \\epsilon_s(x)) - \\mathrm{KL}(q(z\\mid x) \\,\\|\\, N(0, I))
 
-    The noise :math:`\\epsilon_s(x)` is *frozen*: it is drawn from a generator seeded by a
-    hash of the example's bytes (as float32) and ``seed``, so the score is a fixed function
-    of the parameters in every pass, on every process, for any batching and for float32 and
-    float64 runs alike. By default no centring (:math:`z = 0`) and the diagonal Fisher over
-    the fitting data.
+    The noise :math:`\\epsilon_s(x)` is *frozen*: a counter-based generator (Philox4x32-10)
+    keyed by a hash of the example's float32 bits and ``seed``
+    (:mod:`~lightning_nfk.kernel.energies.frozen_noise`), drawn batched on the example's
+    device, so the score is a fixed function of the parameters in every pass, on every
+    process and device, for any batching and for float32 and float64 runs alike: the noise
+    is bit-identical in all of them. By default no centring (:math:`z = 0`) and the
+    diagonal Fisher over the fitting data.
 
     The defaults, ``S = 8`` samples in antithetic pairs, come from measurement
     (``experiments/vae_kernel.py``, EXPERIMENTS.md): the frozen noise is per-example
@@ -140,26 +147,19 @@ class VAEEnergy(Energy):
             "seed": self.seed,
             "centring": self.centring,
             "fisher": self.fisher,
+            "noise_version": NOISE_VERSION,
         }
 
     def extras(self, x: Tensor) -> tuple[Tensor, ...]:
-        """The frozen noise :math:`\\epsilon(x)`, shape ``(B, num_samples, latent_dim)``."""
-        rows = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).contiguous().numpy()
-        key = self.seed.to_bytes(8, "little", signed=True)
-        eps = torch.empty(x.shape[0], self.num_samples, self.latent_dim, dtype=torch.float64)
-        g = torch.Generator()
-        for i, row in enumerate(rows):
-            digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest()
-            g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-            if self.antithetic:
-                half = torch.randn(
-                    self.num_samples // 2, self.latent_dim, generator=g, dtype=torch.float64
-                )
-                eps[i] = torch.cat([half, -half])
-            else:
-                eps[i] = torch.randn(
-                    self.num_samples, self.latent_dim, generator=g, dtype=torch.float64
-                )
+        """The frozen noise :math:`\\epsilon(x)`, shape ``(B, num_samples, latent_dim)``, on
+        ``x``'s device in ``x``'s dtype (drawn in float64 there, no host copy; on MPS, which
+        has no float64, on the CPU)."""
+        draws = self.num_samples // 2 if self.antithetic else self.num_samples
+        work = x.cpu() if x.device.type == "mps" else x
+        eps = frozen_normal(work, self.seed, draws * self.latent_dim)
+        eps = eps.reshape(x.shape[0], draws, self.latent_dim)
+        if self.antithetic:
+            eps = torch.cat([eps, -eps], dim=1)  # samples s and s + S/2 are a pair
         return (eps.to(device=x.device, dtype=x.dtype),)
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:

@@ -1,0 +1,182 @@
+"""Per-step paths without host syncs or host/device copies, checked on the CPU.
+
+The emulation: the module sits on the ``meta`` device, which stands for the accelerator.
+A host sync (``.item()``, ``.cpu()``, ``.tolist()``) then fails loudly ("cannot be called
+on meta tensors", "cannot copy out of meta tensor"), and a spy at the dispatcher records
+every copy between devices (a table or components left on the CPU and copied per step)
+and every read of a value to the host. What runs on ``meta`` is the real code path: the
+teacher's per-example gradients, the products, the table lookups, the scaling.
+
+On a GPU, ``tests/cuda`` checks the same with ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK, NonFiniteGradientError
+from lightning_nfk.models import NFKDistillationModule, WideResNet
+from lightning_nfk.models.teacher_targets import trainable
+from tests.helpers.data import RandomImageDataModule
+from tests.helpers.models import make_case
+
+META = torch.device("meta")
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records reads of a value to the host and copies between devices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append("read to the host (.item())")
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            devices = {t.device for t in inputs} | {out.device}
+            if len(devices) > 1:
+                shapes = [tuple(t.shape) for t in inputs]
+                self.events.append(f"copy {sorted(map(str, devices))} of {shapes}")
+        return out
+
+
+@contextmanager
+def no_host_traffic() -> Iterator[HostTraffic]:
+    with HostTraffic() as spy:
+        yield spy
+    assert not spy.events, spy.events
+
+
+# -- LowRankNFK.transform ----------------------------------------------------------------------
+def _saved_cnn_nfk(tmp_path):
+    case = make_case("cnn", n=40)
+    nfk = LowRankNFK(case.energy, k=3, oversample=3, n_iter=1).fit(case.x)
+    nfk.save(tmp_path / "nfk.pt")
+    return case, nfk
+
+
+def test_transform_moves_the_components_once_at_load_and_never_syncs(tmp_path):
+    case, _ = _saved_cnn_nfk(tmp_path)
+    energy = ClassifierEnergy(case.energy.module.to(META))  # the module on the "accelerator"
+    loaded = LowRankNFK.load(tmp_path / "nfk.pt", energy, map_location="cpu")
+    assert loaded.components.device == META and loaded.components.dtype == torch.float64
+    x = case.x_new.to(META)
+    with no_host_traffic():
+        for _ in range(2):  # per call: no copy of the components, no read of a value
+            out = loaded.transform(x, check_finite=False)
+    assert out.device == META and out.shape == (len(x), 3)
+    # the default checks the rows: a read to the host, which the emulation refuses
+    with pytest.raises(RuntimeError, match="meta"):
+        loaded.transform(x)
+
+
+def test_transform_without_the_finite_check_returns_the_bad_rows(tmp_path):
+    case, nfk = _saved_cnn_nfk(tmp_path)
+    x = case.x_new.clone()
+    x[1] = float("nan")
+    with pytest.raises(NonFiniteGradientError, match=r"1 of 8 inputs have non-finite"):
+        nfk.transform(x)
+    out = nfk.transform(x, check_finite=False)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, *range(2, 8)]]).all()
+    # the flag skips the check only: on finite inputs the same computation, bit for bit
+    clean = case.x_new
+    assert torch.equal(nfk.transform(clean, check_finite=False), nfk.transform(clean))
+    # and a NaN row leaves the others alone (other batch size: float64 round-off only)
+    want = nfk.transform(clean[[0, 2]])
+    eps = torch.finfo(want.dtype).eps
+    torch.testing.assert_close(out[[0, 2]], want, rtol=0, atol=64 * eps * float(want.abs().max()))
+
+
+# -- distillation targets ----------------------------------------------------------------------
+def _data() -> RandomImageDataModule:
+    return RandomImageDataModule(
+        shape=(1, 8, 8), num_train=96, num_test=32, val_size=32, batch_size=32, with_index=True
+    )
+
+
+def _module(targets: str) -> NFKDistillationModule:
+    torch.manual_seed(0)
+    return NFKDistillationModule(
+        WideResNet(10, 1, in_channels=1),
+        WideResNet(10, 2, in_channels=1),
+        targets=targets,
+        k=4,
+        oversample=4,
+        n_iter=1,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05),
+    )
+
+
+def _fitted(targets: str):
+    import pytorch_lightning as pl
+
+    m, dm = _module(targets), _data()
+    pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(m, dm)
+    return m, dm
+
+
+def _step_targets(m: NFKDistillationModule, batch: tuple, table) -> torch.Tensor:
+    """What a training step computes from the targets: the scaled targets and the loss."""
+    features = m.student.features(batch[0])
+    q = m._scaled_targets(batch, table)
+    return m._teacher_term(m.head(features), q)
+
+
+def test_precomputed_targets_live_on_the_device_and_are_looked_up_there():
+    m, dm = _fitted("precomputed")
+    tables = m.teacher_targets.tables()
+    assert all(t.device.type == "cpu" for t in (tables["train"], tables["rms"]))  # checkpoint
+    # a resumed run: the checkpoint's tables (on the CPU) and the module on the device
+    resumed = _module("precomputed")
+    resumed.on_load_checkpoint({"nfk_distillation_targets": tables})
+    resumed.to(META)
+    resumed.trainer = SimpleNamespace(datamodule=dm)
+    resumed.on_fit_start()  # no refit (the same split); the tables moved once
+    tt = resumed.teacher_targets
+    assert tt.train.device == META and tt.val.device == META and tt.rms.device == META
+    index = torch.tensor([5, 0, 17, 3], device="cpu").to(META)
+    batch = (torch.zeros(4, 1, 8, 8, device=META), torch.zeros(4, dtype=torch.long), index)
+    with no_host_traffic():
+        loss = _step_targets(resumed, batch, tt.train)
+    assert loss.device == META and loss.shape == ()
+    # validation after a restore, without fit: `on_validation_start` moves them
+    validating = _module("precomputed")
+    validating.on_load_checkpoint({"nfk_distillation_targets": tables})
+    validating.to(META).on_validation_start()
+    assert validating.teacher_targets.val.device == META
+
+
+def test_online_targets_have_no_host_sync():
+    m, _ = _fitted("online")
+    state = m.teacher_targets.nfk.state_dict()
+    m.to(META)
+    # the teacher's NFK read onto the device, as from an `nfk_cache` (map_location="cpu")
+    with trainable(m.teacher):
+        nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.nfk_config)
+        nfk.load_state_dict(state)
+    m.teacher_targets.nfk = nfk
+    m.teacher_targets.to(META)
+    x = torch.zeros(4, 1, 8, 8, device=META)
+    with no_host_traffic():
+        loss = _step_targets(m, (x, torch.zeros(4, dtype=torch.long, device=META)), None)
+    assert loss.device == META and loss.shape == ()
+    assert not any(p.requires_grad for p in m.teacher.parameters())  # restored after
