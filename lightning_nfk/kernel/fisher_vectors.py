@@ -38,7 +38,12 @@ from lightning_nfk.kernel._data import (
 from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
 from lightning_nfk.kernel.energies.base import Energy
-from lightning_nfk.kernel.memory import activation_bytes, bytes_per_row, device_budget
+from lightning_nfk.kernel.memory import (
+    activation_bytes,
+    bytes_per_row,
+    device_budget,
+    sketch_bytes,
+)
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.precision import full_precision
 
@@ -161,7 +166,10 @@ class FisherVectors:
         budget = memory_budget or config.memory_budget or device_budget(self.device)
         columns = config.columns if self.matrix_free else 0
         self.bytes_per_row = bytes_per_row(p, self.dtype.itemsize, activations, columns)
-        self.max_rows = config.chunk_size or max(1, min(budget // self.bytes_per_row, cap))
+        # the randomized fit's P x l operands come out of the same budget
+        fixed = 0 if strategy == "dense" else sketch_bytes(p, config.columns, self.dtype.itemsize)
+        blocks = max(0, budget - fixed)
+        self.max_rows = config.chunk_size or max(1, min(blocks // self.bytes_per_row, cap))
         self.statistics = Statistics(None, None)
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
 
@@ -285,9 +293,10 @@ class FisherVectors:
         return t, (None if self.mean_score is None else self.mean_score @ t)
 
     def _unfold(self, m: Tensor, y_sum: Tensor) -> Tensor:
+        """In place on the accumulator ``m``: no P x l temporaries."""
         if self.mean_score is not None:
-            m = m - self.mean_score[:, None] * y_sum[None, :]
-        return m if self.scale is None else m * self.scale[:, None]
+            m.addr_(self.mean_score, y_sum.to(m.dtype), alpha=-1)
+        return m if self.scale is None else m.mul_(self.scale[:, None])
 
     def _matmat_folded(
         self, x: Tensor, extras: tuple[Tensor, ...], t: Tensor, c: Tensor | None

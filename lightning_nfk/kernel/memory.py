@@ -6,7 +6,8 @@ on the CPU, half of the host's available memory, shared by the processes of the 
 Every process of a distributed fit takes the smallest budget of all, so that they all
 resolve the same strategy.
 
-A gradient block of B examples holds, besides its B x P rows (the per-example gradients
+A randomized fit holds a few P x l operands (:func:`sketch_bytes`) for its whole run;
+what is left of the budget goes to gradient blocks. A gradient block of B examples holds, besides its B x P rows (the per-example gradients
 ``vmap`` returns, their concatenation into one block, and the backward's temporaries), the
 activations that the backward pass of each example keeps: for a convolutional network
 they can outweigh the rows, and for a VAE they grow with its noise samples (S decoder
@@ -32,6 +33,9 @@ ROW_COPIES = 4
 block, the backward's per-example weight gradients, one spare)."""
 ACTIVATION_COPIES = 2
 """Saved activations and their gradients during the backward pass."""
+SKETCH_COPIES = 5
+"""P x l operands a randomized fit holds at once: the current Z, the previous product (or
+Householder QR's output and workspace), the scaled Z, the accumulator, one spare."""
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -105,3 +109,9 @@ def bytes_per_row(
     activations for each), that many copies more."""
     copies = ACTIVATION_COPIES * (1 + matrix_free_columns)
     return ROW_COPIES * num_parameters * itemsize + copies * activations
+
+
+def sketch_bytes(num_parameters: int, columns: int, itemsize: int) -> int:
+    """Bytes of the randomized fit's :data:`SKETCH_COPIES` P x l operands, which the
+    gradient blocks share the budget with."""
+    return SKETCH_COPIES * num_parameters * columns * itemsize

@@ -31,6 +31,17 @@ import torch
 from torch import Tensor
 
 NormalMatmat = Callable[[Tensor], Tensor]
+_ROWS64 = 1 << 16  # rows of a P x l operand copied to float64 at a time
+
+
+def _inner64(a: Tensor, b: Tensor) -> Tensor:
+    """:math:`A^\top B` (l x l) accumulated in float64, a slice of rows at a time: no float64
+    copy of the P x l operands (for P in the millions, each would be as large as the
+    sketch itself)."""
+    out = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64, device=a.device)
+    for ab, bb in zip(a.split(_ROWS64), b.split(_ROWS64)):
+        out += ab.double().T @ bb.double()
+    return out
 
 
 @dataclass
@@ -103,33 +114,37 @@ def subspace_iteration(
         raise ValueError(f"`n_iter` must be >= 0, got {n_iter}.")
     omega = torch.randn(dim, l, generator=generator, dtype=dtype, device="cpu").to(device)
     z, r = orthonormalize(omega)
+    del omega  # P x l: one sketch less in memory for the whole fit
     m = normal_matmat(z)
     # ||V Omega||_F^2 / l with Omega = Z R: tr(R^T (Z^T A Z) R) / l.
-    h0 = z.double().T @ m.double()
+    h0 = _inner64(z, m)
     trace_estimate = torch.trace(r.double().T @ h0 @ r.double()) / l
     if n_iter == 0:
         return _single_pass(z, m, k, trace_estimate)
     for _ in range(n_iter):
         z, _ = orthonormalize(m)
         m = normal_matmat(z)
-    h = z.double().T @ m.double()
+    h = _inner64(z, m)
     h = 0.5 * (h + h.T)
     evals, w = torch.linalg.eigh(h)  # ascending
     evals, w = evals.flip(0)[:k], w.flip(1)[:, :k]
     vectors = z @ w.to(z.dtype)
     # Residual of each Ritz pair: ||M w - lambda Z w|| (M w = A Z w), relative to lambda.
-    res = torch.linalg.vector_norm(m.double() @ w - (z.double() @ w) * evals, dim=0)
+    res = torch.zeros_like(evals)
+    for zb, mb in zip(z.split(_ROWS64), m.split(_ROWS64)):
+        res += (mb.double() @ w - (zb.double() @ w) * evals).square().sum(dim=0)
+    res = res.sqrt()
     residuals = res / evals.abs().clamp_min(torch.finfo(torch.float64).tiny)
     return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate, w)
 
 
 def _single_pass(z: Tensor, m: Tensor, k: int, trace_estimate: Tensor) -> RitzPairs:
     """SVD of Q^T V from one pass (Z, M = V^T V Z): Halko et al. 2011, Alg. 4.1 + 5.1."""
-    h = z.double().T @ m.double()  # Y^T Y
+    h = _inner64(z, m)  # Y^T Y
     s, w = torch.linalg.eigh(0.5 * (h + h.T))
     keep = s > s.max() * z.shape[0] * torch.finfo(z.dtype).eps
     t = w[:, keep] / s[keep].sqrt()  # Q = Y t is orthonormal
-    bt = m.double() @ t  # V^T Q, (P, r)
+    bt = torch.cat([mb.double() @ t for mb in m.split(_ROWS64)])  # V^T Q, (P, r)
     c = bt.T @ bt  # (Q^T V)(Q^T V)^T, (r, r)
     evals, u = torch.linalg.eigh(0.5 * (c + c.T))
     evals, u = evals.flip(0)[:k].clamp_min(0.0), u.flip(1)[:, :k]
