@@ -60,7 +60,13 @@ def iter_chunks(
     batches = data.split(max_rows) if isinstance(data, Tensor) else map(first_tensor, data)
     for x in batches:
         # inputs are data: a generator output that still requires grad is detached
-        x = x.detach().to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+        # host to device from pinned memory overlaps the copy (ordered on the stream)
+        asynchronous = x.device.type == "cpu" and device.type != "cpu" and x.is_pinned()
+        x = x.detach().to(
+            device=device,
+            dtype=dtype if x.is_floating_point() else x.dtype,
+            non_blocking=asynchronous,
+        )
         yield from (c for c in x.split(max_rows) if c.shape[0])  # no empty chunk
 
 
