@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
@@ -15,11 +16,47 @@ def _adam_gan(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
 
 
+def _rank_latents(n: int, latent_dim: int, rank: int, world_size: int, like: Tensor) -> Tensor:
+    """Rank ``rank``'s ``n`` rows of ``world_size * n`` standard normal latents.
+
+    The draw is from the global generator, which holds the same state on every rank
+    (``seed_everything``): each rank takes its own rows of the global batch of latents, as
+    each takes its own share of the data, so the ranks train on ``world_size * n`` distinct
+    generator samples (one process with batch ``world_size * n`` draws the same latents).
+    With one process this is ``torch.randn(n, latent_dim)``.
+
+    Args:
+        n: this rank's batch size.
+        latent_dim: latent size.
+        rank: this process's rank.
+        world_size: number of processes.
+        like: a tensor whose device and dtype the latents take.
+
+    Returns:
+        Latents ``(n, latent_dim)``.
+    """
+    h = torch.randn(world_size * n, latent_dim, device=like.device, dtype=like.dtype)
+    return h[rank * n : (rank + 1) * n]
+
+
+def _reach_every_parameter(module: nn.Module) -> Tensor | float:
+    """Zero that depends on every trainable parameter of ``module``: added to a loss, it
+    changes neither the loss nor any gradient but puts every parameter in the backward graph
+    (one entry of each, so no sum of a whole parameter that could overflow in half precision).
+    """
+    return 0.0 * sum(p.reshape(-1)[0] for p in module.parameters() if p.requires_grad)
+
+
 class GANModule(pl.LightningModule):
     """Alternating discriminator and generator steps with the non-saturating loss.
 
     The NFK is :class:`GANEnergy`: the discriminator's logit, centred and normalised with
     ``nfk_num_samples`` generator samples.
+
+    Works under Lightning's plain ``ddp`` strategy (every backward reaches every parameter,
+    see :meth:`training_step`): each rank draws its own rows of the global batch of
+    latents, and the generator's buffers (BatchNorm running statistics) are broadcast from
+    rank zero after every step, so that all ranks hold the same module.
 
     Args:
         generator: latents ``(B, latent_dim)`` to images.
@@ -64,22 +101,54 @@ class GANModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         opt_g, opt_d = self.optimizers()
-        h = torch.randn(x.shape[0], self.latent_dim, device=x.device, dtype=x.dtype)
-        fake = self.generator(h)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        fake = self.generator(_rank_latents(x.shape[0], self.latent_dim, rank, world, x))
 
         d_loss = (
             F.softplus(-self.discriminator(x)).mean()
             + F.softplus(self.discriminator(fake.detach())).mean()
         )
         opt_d.zero_grad()
-        self.manual_backward(d_loss)
+        # DDP (find_unused_parameters=False) with manual optimisation: Lightning arms the
+        # reducer before each `manual_backward`, and the reducer then waits for a gradient of
+        # every parameter of the wrapped module (generator and discriminator) before it
+        # all-reduces; a parameter left out fails the next backward ("parameters that were
+        # not used in producing the loss"). The discriminator loss does not reach the
+        # generator, so a zero-weight term does: the generator gets zero gradients (all-
+        # reduced, then dropped by `opt_g.zero_grad()`), the discriminator's are unchanged.
+        # Toggling the optimizers (`requires_grad=False` on the other network) does not
+        # help: the reducer still waits for those parameters, and plain `ddp` fails the same
+        # way (measured). The generator loss reaches both networks through `fake`, as it is.
+        # The price: each backward all-reduces the gradients of both networks.
+        self.manual_backward(d_loss + _reach_every_parameter(self.generator))
         opt_d.step()
 
-        g_loss = F.softplus(-self.discriminator(fake)).mean()  # non-saturating
+        g_loss = F.softplus(-self.discriminator(fake)).mean()  # non-saturating, updated D
         opt_g.zero_grad()
         self.manual_backward(g_loss)
         opt_g.step()
+        if world > 1:
+            self._broadcast_generator_buffers()
         self.log_dict({"train/d_loss": d_loss, "train/g_loss": g_loss}, prog_bar=True)
+
+    def _broadcast_generator_buffers(self) -> None:
+        """Rank zero's generator buffers to every rank (one broadcast per dtype).
+
+        The ranks' generators see different latents, so their BatchNorm running statistics
+        differ after a step. DDP broadcasts rank zero's buffers before a forward only after a
+        forward that armed the backward; under manual optimisation Lightning turns
+        ``require_backward_grad_sync`` off as ``training_step`` returns inside DDP's forward,
+        so DDP never syncs the buffers again (measured: they drift apart step by step).
+        Without this the ranks' generators differ in eval mode, which is how the NFK samples
+        them, and rank zero's checkpoint holds only its own.
+        """
+        buffers = list(self.generator.buffers())
+        for dtype in dict.fromkeys(b.dtype for b in buffers):  # the same order on every rank
+            group = [b for b in buffers if b.dtype == dtype]
+            flat = torch.cat([b.reshape(-1) for b in group])
+            dist.broadcast(flat, src=0)
+            for b, value in zip(group, flat.split([b.numel() for b in group])):
+                b.copy_(value.view_as(b))
 
     def validation_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

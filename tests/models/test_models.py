@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_nfk.kernel import ClassifierEnergy, GANEnergy, VAEEnergy
 from lightning_nfk.models import (
@@ -16,6 +17,7 @@ from lightning_nfk.models import (
     WideResNet,
     nfk_energy_of,
 )
+from lightning_nfk.models.gan import _rank_latents
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import NoProtocol, quick_trainer, tiny_classifier
 
@@ -100,3 +102,64 @@ def test_protocol_errors():
         match=r"Wrong.nfk_energy\(\) must return a lightning_nfk.kernel.Energy, got Sequential",
     ):
         nfk_energy_of(Wrong())
+
+
+class _GANStepBeforeDDP(GANModule):
+    """GANModule's training step as it was before it was arranged for plain ``ddp``."""
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        opt_g, opt_d = self.optimizers()
+        h = torch.randn(x.shape[0], self.latent_dim, device=x.device, dtype=x.dtype)
+        fake = self.generator(h)
+        d_loss = (
+            F.softplus(-self.discriminator(x)).mean()
+            + F.softplus(self.discriminator(fake.detach())).mean()
+        )
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = F.softplus(-self.discriminator(fake)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+
+def _gan_trained(cls: type[GANModule], tmp_path, steps: int = 4) -> tuple[dict, dict]:
+    """(initial, trained) state of a small GAN after ``steps`` steps on one process."""
+    torch.manual_seed(0)
+    gan = cls(DCGANGenerator(8, 1, 8, 28), DCGANDiscriminator(1, 8, 28), latent_dim=8)
+    initial = {k: v.clone() for k, v in gan.state_dict().items()}
+    torch.manual_seed(1)  # the latents
+    dm = RandomImageDataModule(batch_size=16, normalization="symmetric")
+    quick_trainer(tmp_path, limit_train_batches=steps, limit_val_batches=0).fit(gan, dm)
+    return initial, gan.state_dict()
+
+
+def test_gan_trains_on_one_process_as_before_the_ddp_arrangement(tmp_path):
+    initial, expected = _gan_trained(_GANStepBeforeDDP, tmp_path)
+    _, got = _gan_trained(GANModule, tmp_path)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        # the same arithmetic (the zero-weight term adds exact zeros): equal to round-off;
+        # an other algorithm (e.g. the generator step on the old discriminator) moves the
+        # weights by Adam steps of about lr = 2e-4
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    moved = [k for k in expected if not torch.allclose(expected[k].double(), initial[k].double())]
+    assert any(k.startswith("generator.") for k in moved)
+    assert any(k.startswith("discriminator.") for k in moved)
+
+
+def test_ranks_draw_their_own_rows_of_the_global_latents():
+    like = torch.empty(0, dtype=torch.float64, device="cpu")
+    torch.manual_seed(0)
+    whole = torch.randn(6, 3, dtype=torch.float64, device="cpu")
+    torch.manual_seed(0)
+    one = _rank_latents(6, 3, rank=0, world_size=1, like=like)
+    shares = []
+    for rank in range(2):  # every rank holds the same global generator state
+        torch.manual_seed(0)
+        shares.append(_rank_latents(3, 3, rank=rank, world_size=2, like=like))
+    assert one.dtype == shares[0].dtype == torch.float64 and shares[0].shape == (3, 3)
+    torch.testing.assert_close(one, whole)  # one process: the draw it always made
+    torch.testing.assert_close(torch.cat(shares), whole)  # two: disjoint rows of it
