@@ -10,33 +10,11 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_nfk.kernel import Energy, GANEnergy
+from lightning_nfk.models._sampling import rank_normal
 
 
 def _adam_gan(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
-
-
-def _rank_latents(n: int, latent_dim: int, rank: int, world_size: int, like: Tensor) -> Tensor:
-    """Rank ``rank``'s ``n`` rows of ``world_size * n`` standard normal latents.
-
-    The draw is from the global generator, which holds the same state on every rank
-    (``seed_everything``): each rank takes its own rows of the global batch of latents, as
-    each takes its own share of the data, so the ranks train on ``world_size * n`` distinct
-    generator samples (one process with batch ``world_size * n`` draws the same latents).
-    With one process this is ``torch.randn(n, latent_dim)``.
-
-    Args:
-        n: this rank's batch size.
-        latent_dim: latent size.
-        rank: this process's rank.
-        world_size: number of processes.
-        like: a tensor whose device and dtype the latents take.
-
-    Returns:
-        Latents ``(n, latent_dim)``.
-    """
-    h = torch.randn(world_size * n, latent_dim, device=like.device, dtype=like.dtype)
-    return h[rank * n : (rank + 1) * n]
 
 
 def _reach_every_parameter(module: nn.Module) -> Tensor | float:
@@ -102,7 +80,7 @@ class GANModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         opt_g, opt_d = self.optimizers()
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        fake = self.generator(_rank_latents(x.shape[0], self.latent_dim, rank, world, x))
+        fake = self.generator(rank_normal((x.shape[0], self.latent_dim), rank, world, x))
 
         d_loss = (
             F.softplus(-self.discriminator(x)).mean()

@@ -10,6 +10,8 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_nfk.kernel import Energy, VAEEnergy
+from lightning_nfk.kernel.distributed import rank_and_world_size
+from lightning_nfk.models._sampling import rank_normal
 
 
 class VAEModule(pl.LightningModule):
@@ -51,7 +53,9 @@ class VAEModule(pl.LightningModule):
 
     def _elbo(self, batch: tuple[Tensor, ...] | Tensor) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        eps = torch.randn(x.shape[0], 1, self.energy.latent_dim, device=x.device, dtype=x.dtype)
+        # each rank its own rows of one global draw (the ranks' generators are in step)
+        shape = (x.shape[0], 1, self.energy.latent_dim)
+        eps = rank_normal(shape, *rank_and_world_size(), x)
         return self.energy.score(self.vae, x, eps).mean()
 
     def training_step(self, batch, batch_idx: int) -> Tensor:

@@ -17,7 +17,7 @@ from lightning_nfk.models import (
     WideResNet,
     nfk_energy_of,
 )
-from lightning_nfk.models.gan import _rank_latents
+from lightning_nfk.models._sampling import rank_normal
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import NoProtocol, quick_trainer, tiny_classifier
 
@@ -155,11 +155,11 @@ def test_ranks_draw_their_own_rows_of_the_global_latents():
     torch.manual_seed(0)
     whole = torch.randn(6, 3, dtype=torch.float64, device="cpu")
     torch.manual_seed(0)
-    one = _rank_latents(6, 3, rank=0, world_size=1, like=like)
+    one = rank_normal((6, 3), rank=0, world_size=1, like=like)
     shares = []
     for rank in range(2):  # every rank holds the same global generator state
         torch.manual_seed(0)
-        shares.append(_rank_latents(3, 3, rank=rank, world_size=2, like=like))
+        shares.append(rank_normal((3, 3), rank=rank, world_size=2, like=like))
     assert one.dtype == shares[0].dtype == torch.float64 and shares[0].shape == (3, 3)
     torch.testing.assert_close(one, whole)  # one process: the draw it always made
     torch.testing.assert_close(torch.cat(shares), whole)  # two: disjoint rows of it
