@@ -1,13 +1,15 @@
 """Trainer-side helpers shared by everything that runs the NFK inside a Lightning run.
 
 Reference datasets (un-augmented splits), seeded subsets sharded across ranks without
-padding, the engine's ``reduce`` through the trainer's strategy, and the checks that
-must run on every rank before a rank-zero section (``log_dir`` is a collective under DDP).
+padding, the engine's ``reduce`` over the trainer's processes, signals held during
+sections full of collectives, and the checks that must run on every rank before a
+rank-zero section (``log_dir`` is a collective under DDP).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 import signal
 import threading
@@ -17,6 +19,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -60,11 +64,25 @@ def check_strategy(trainer: pl.Trainer, who: str) -> None:
 
 
 def strategy_sum(trainer: pl.Trainer) -> Reduce:
-    """The engine's ``reduce``: a sum over processes through the trainer's strategy."""
-    strategy, world = trainer.strategy, trainer.world_size
+    """The engine's ``reduce``: a sum over the trainer's processes.
+
+    One ``torch.distributed.all_reduce`` on the default process group (the group of
+    Lightning's data-parallel strategies), without the barrier that ``strategy.reduce`` adds;
+    the identity for one process. Called inside a :func:`deferred_interrupts` section, it is
+    also where the ranks compare the signals they received (first, one all-reduce of a
+    float per held signal, read on the host) and, if any received SIGINT or SIGTERM, all
+    stop there together, before the sum.
+    """
+    world = trainer.world_size
 
     def reduce(t: Tensor) -> Tensor:
-        return strategy.reduce(t, reduce_op="sum") if world > 1 else t
+        if _active is not None:
+            _active.check(t.device)
+        if world == 1:
+            return t
+        t = t.contiguous()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
 
     return reduce
 
@@ -76,7 +94,8 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def seeded_subset(n: int, size: int, seed: int) -> Tensor:
     """``min(size, n)`` indices of ``range(n)`` drawn with ``seed``, sorted (all when size >= n)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randperm(n, generator=g, device="cpu")[:size].sort().values
 
 
 def local_shard(trainer: pl.Trainer, indices: Tensor) -> tuple[Tensor, int]:
@@ -134,7 +153,11 @@ def stack_items(
     items = [dataset[int(i)] for i in (indices if len(indices) else [0])]  # [0]: the shape
     x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
     x, items = x[: len(indices)], items[: len(indices)]  # a rank may have no rows
-    y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64) if labels else None
+    y = (
+        torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64, device="cpu")
+        if labels
+        else None
+    )
     return x, y
 
 
@@ -160,47 +183,140 @@ def resolved_log_dir(trainer: pl.Trainer) -> Path:
 
 @contextlib.contextmanager
 def deferred_interrupts(trainer: pl.Trainer) -> Iterator[None]:
-    """Hold SIGTERM and SIGINT (Ctrl-C) during a section full of collectives, then end the
-    run on every rank at the same point.
+    """Hold SIGINT (Ctrl-C), SIGTERM and SLURM's requeue signal (SIGUSR1) during a section
+    full of collectives; act on them at points that every rank reaches together.
 
-    A signal handled in the middle of the section (Lightning's SIGTERM handler broadcasts;
-    a ``KeyboardInterrupt`` leaves one rank's collective unmatched) can hang the other ranks.
-    Here a signal is only recorded; when the section ends, the ranks sum what they received
-    (one collective that every rank reaches) and all raise together: ``KeyboardInterrupt``
-    for SIGINT (Lightning's graceful shutdown, exit status 1) or Lightning's
-    ``SIGTERMException`` with exit status 143 for SIGTERM. Checkpoints of finished epochs
-    are left as they were. The same signal a second time interrupts at once, on the rank
-    that receives it (a way out of a section that does not end).
+    A signal handled in the middle of the section can hang the other ranks: Lightning's
+    SIGTERM handler broadcasts, its SLURM handler saves a checkpoint (a barrier), and a
+    ``KeyboardInterrupt`` leaves one rank's collective unmatched. Here a signal is only
+    recorded. The ranks sum what they received at every ``reduce`` of :func:`strategy_sum`
+    called inside the section (the engine's pass boundaries) and once more when the section
+    ends; every rank then sees the same sums at the same point and acts on them together:
+
+    * SIGINT or SIGTERM: stop the run at that point (within one pass): ``KeyboardInterrupt``
+      for SIGINT (Lightning's graceful shutdown, exit status 1), Lightning's
+      ``SIGTERMException`` with exit status 143 for SIGTERM. Further SIGINT and SIGTERM are
+      then ignored while the run stops (torchrun's agent forwards to the workers what the
+      terminal or SLURM has already sent them); Lightning's teardown restores the handlers
+      it found before the fit. Checkpoints of finished epochs are left as they were.
+    * The requeue signal: delivered on every rank to the handler it had before the section
+      (Lightning's SLURM handler saves a checkpoint and requeues the job) when the section
+      ends, or just before the run stops.
+
+    A signal that arrives after the last sum reaches this rank's own handlers as if it had
+    arrived after the section. When the section ends with any other exception, the held
+    signals are dropped (the run is failing). There is no "second Ctrl-C interrupts at
+    once": a rank stuck in a collective needs SIGKILL (torchrun and SLURM send it after
+    their grace periods). Sections do not nest (an inner one runs inside the outer one);
+    outside the main thread, where handlers cannot be set, nothing is held.
     """
-    if threading.current_thread() is not threading.main_thread():
+    global _active
+    if _active is not None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    received: set[int] = set()
-    signals = (signal.SIGINT, signal.SIGTERM)
-
-    def record(signum: int, _: object) -> None:
-        if signum in received:  # the same signal twice: stop now, on this rank
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            _raise_for(signum)
-        received.add(signum)
-
-    previous = {s: signal.signal(s, record) for s in signals}
+    held = _HeldSignals(trainer)
+    _active = held
     try:
         yield
+    except BaseException:
+        if not held.stopped:  # another error: drop what was held
+            held.release(held.counts, stopping=False)
+        raise
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    flags = torch.tensor(
-        [float(s in received) for s in signals], device=trainer.strategy.root_device
-    )
-    flags = strategy_sum(trainer)(flags)
-    for s, flag in zip(signals, flags):
-        if flag > 0:
-            _raise_for(s)
+        _active = None
+    held.finish(trainer.strategy.root_device)
 
 
-def _raise_for(signum: int) -> None:
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SIGTERMException(128 + signal.SIGTERM)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_active: _HeldSignals | None = None  # the open deferred_interrupts section (main thread)
+
+
+def _requeue_signals(trainer: pl.Trainer) -> tuple[int, ...]:
+    """SIGUSR1 where the platform has it, and the SLURM environment's ``requeue_signal``."""
+    found = [signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else []
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment) and environment.requeue_signal is not None:
+        found.append(environment.requeue_signal)
+    return tuple(s for s in dict.fromkeys(found) if s not in _STOP_SIGNALS)
+
+
+class _HeldSignals:
+    """The signals a :func:`deferred_interrupts` section records, and what it does with them."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.world_size = trainer.world_size
+        self.requeue = _requeue_signals(trainer)
+        self.signals = (*_STOP_SIGNALS, *self.requeue)
+        self.counts = dict.fromkeys(self.signals, 0)
+        self.stopped = False
+        # a handler set outside Python (None) could not be given back: left alone, and its
+        # signal never counted (every rank still sums the same len(signals) flags)
+        self.previous = {
+            s: signal.signal(s, self._record)
+            for s in self.signals
+            if signal.getsignal(s) is not None
+        }
+
+    def _record(self, signum: int, _: object) -> None:
+        self.counts[signum] += 1
+
+    def _sum(self, device: torch.device) -> tuple[dict[int, bool], dict[int, int]]:
+        """Whether any rank received each signal (a collective of len(signals) floats on
+        ``device``), and this rank's counts that went into the sum."""
+        seen = dict(self.counts)
+        if self.world_size == 1:
+            return {s: n > 0 for s, n in seen.items()}, seen
+        flags = torch.zeros(len(self.signals), dtype=torch.float32, device=device)
+        for i, s in enumerate(self.signals):
+            if seen[s]:
+                flags[i] = 1.0
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        return {s: f > 0 for s, f in zip(self.signals, flags.tolist())}, seen
+
+    def check(self, device: torch.device) -> None:
+        """At a ``reduce``: stop the run on every rank if any rank received SIGINT or SIGTERM."""
+        anywhere, seen = self._sum(device)
+        if any(anywhere[s] for s in _STOP_SIGNALS):
+            self._stop(anywhere, seen)
+
+    def finish(self, device: torch.device) -> None:
+        """At the end of the section: stop, or honour the requeue signal, on every rank."""
+        try:
+            anywhere, seen = self._sum(device)
+            if any(anywhere[s] for s in _STOP_SIGNALS):
+                self._stop(anywhere, seen)
+            self._honour_requeue(anywhere)
+        except BaseException:
+            if not self.stopped:
+                self.release(self.counts, stopping=False)
+            raise
+        self.release(seen, stopping=False)
+
+    def _stop(self, anywhere: dict[int, bool], seen: dict[int, int]) -> None:
+        self._honour_requeue(anywhere)  # the requeue checkpoint first, on every rank
+        self.stopped = True
+        self.release(seen, stopping=True)
+        if anywhere[signal.SIGINT]:
+            raise KeyboardInterrupt
+        raise SIGTERMException(128 + signal.SIGTERM)
+
+    def _honour_requeue(self, anywhere: dict[int, bool]) -> None:
+        for s in self.requeue:
+            if not anywhere[s] or s not in self.previous:
+                continue
+            handler = self.previous[s]
+            if callable(handler):
+                handler(s, inspect.currentframe())
+            elif handler == signal.SIG_DFL:  # its default action: the process ends
+                signal.signal(s, signal.SIG_DFL)
+                signal.raise_signal(s)
+
+    def release(self, seen: dict[int, int], *, stopping: bool) -> None:
+        """Give the signals back to their previous handlers (when ``stopping``, SIGINT and
+        SIGTERM are ignored instead) and deliver to them what arrived after ``seen``."""
+        for s, handler in self.previous.items():
+            stop = stopping and s in _STOP_SIGNALS
+            signal.signal(s, signal.SIG_IGN if stop else handler)
+        for s in self.previous:
+            if self.counts[s] > seen[s] and not (stopping and s in _STOP_SIGNALS):
+                signal.raise_signal(s)
