@@ -9,6 +9,7 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -33,8 +34,8 @@ class ImageTensorDataset(Dataset):
     ) -> None:
         self.images, self.labels, self.augment = images, labels, augment
         self.indices = indices
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.mean = torch.tensor(mean, device="cpu").view(-1, 1, 1)
+        self.std = torch.tensor(std, device="cpu").view(-1, 1, 1)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -48,9 +49,9 @@ class ImageTensorDataset(Dataset):
         if self.augment:
             h, w = x.shape[1:]
             x = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
-            top, left = torch.randint(0, 9, (2,)).tolist()
+            top, left = torch.randint(0, 9, (2,), device="cpu").tolist()
             x = x[:, top : top + h, left : left + w]
-            if torch.rand(()) < 0.5:
+            if torch.rand((), device="cpu") < 0.5:
                 x = x.flip(2)
         return (x - self.mean) / self.std, self.labels[i]
 
@@ -71,7 +72,7 @@ class EpochSeededSampler(RandomSampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+        yield from torch.randperm(len(self.data_source), generator=g, device="cpu").tolist()
 
 
 def balanced_label_indices(labels: Tensor, num_labels: int, seed: int) -> Tensor:
@@ -92,7 +93,7 @@ def balanced_label_indices(labels: Tensor, num_labels: int, seed: int) -> Tensor
                 f"`num_labels` ({num_labels}) asks {share} examples of class {c}, which has "
                 f"only {len(pool)} in the training split."
             )
-        chosen.append(pool[torch.randperm(len(pool), generator=g)[:share]])
+        chosen.append(pool[torch.randperm(len(pool), generator=g, device="cpu")[:share]])
     return torch.cat(chosen).sort().values
 
 
@@ -185,7 +186,7 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         x, y = self.load_split(train=True)
         x_test, y_test = self.load_split(train=False)
         g = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(len(x), generator=g)
+        perm = torch.randperm(len(x), generator=g, device="cpu")
         if self.val_size >= len(x):
             raise ValueError(
                 f"`val_size` ({self.val_size}) must be smaller than the training split ({len(x)})."
@@ -193,7 +194,9 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size :].sort().values
         if self.train_subset is not None:
             train_idx = (
-                train_idx[torch.randperm(len(train_idx), generator=g)[: self.train_subset]]
+                train_idx[
+                    torch.randperm(len(train_idx), generator=g, device="cpu")[: self.train_subset]
+                ]
                 .sort()
                 .values
             )
@@ -257,7 +260,15 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
             sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the loaders pin their batches in page-locked memory: when the attached
+        trainer runs on CUDA, so that Lightning's host-to-device copy of each batch is
+        asynchronous (no host sync per step). False without a trainer."""
+        return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_split, shuffle=True, augment=self.augment)
