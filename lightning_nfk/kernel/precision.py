@@ -8,9 +8,9 @@ turns autocast off for every device type and asks for IEEE float32 in matmuls,
 convolutions and RNNs on CUDA (cuBLAS, cuDNN) and on the CPU (oneDNN), then restores
 exactly what it found.
 
-The TF32 switches are read and written through PyTorch's ``fp32_precision`` attributes
-where they exist (torch >= 2.9; mixing them with the legacy ``allow_tf32`` flags in one
-process raises), else through the legacy flags.
+PyTorch >= 2.9 has two APIs for these switches, the legacy ``allow_tf32`` flags and the
+``fp32_precision`` attributes, and raises when a process mixes them: the switches are
+set and restored through the API the caller's state is in.
 """
 
 from __future__ import annotations
@@ -41,10 +41,26 @@ def _switches() -> list[object]:
     return found
 
 
+def _legacy_flags() -> tuple[bool, bool, str] | None:
+    """The legacy TF32 state, or None when the caller set the new ``fp32_precision`` API
+    (reading the legacy flags then raises: the two must not be mixed)."""
+    try:
+        return (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(),
+        )
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
 def _ieee_float32() -> Iterator[None]:
-    switches = _switches()
-    if switches:
+    """IEEE float32 through the API the caller's state is in: the legacy flags where they
+    can be read (never set, or set the legacy way), else the ``fp32_precision`` switches,
+    which also cover oneDNN's reduced-precision float32 modes on the CPU."""
+    legacy, switches = _legacy_flags(), _switches()
+    if legacy is None and switches:
         saved = [s.fp32_precision for s in switches]  # type: ignore[attr-defined]
         try:
             for s in switches:
@@ -54,18 +70,27 @@ def _ieee_float32() -> Iterator[None]:
             for s, value in zip(switches, saved):
                 s.fp32_precision = value  # type: ignore[attr-defined]
         return
-    # torch < 2.9: the legacy flags
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
+    mkldnn = [s for s in switches if s in _mkldnn_switches()]
+    saved_mkldnn = [s.fp32_precision for s in mkldnn]  # type: ignore[attr-defined]
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
+        for s in mkldnn:  # the CPU's switches have no legacy flag
+            s.fp32_precision = "ieee"  # type: ignore[attr-defined]
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.set_float32_matmul_precision(precision)
+        if legacy is not None:
+            torch.backends.cuda.matmul.allow_tf32 = legacy[0]
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+            torch.set_float32_matmul_precision(legacy[2])
+        for s, value in zip(mkldnn, saved_mkldnn):
+            s.fp32_precision = value  # type: ignore[attr-defined]
+
+
+def _mkldnn_switches() -> list[object]:
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    return [getattr(mkldnn, op) for op in ("matmul", "conv", "rnn") if hasattr(mkldnn, op)]
 
 
 def _autocast_device_types() -> list[str]:

@@ -57,6 +57,30 @@ def test_kernel_mode_turns_autocast_and_tf32_off_and_restores_them(tf32_everywhe
     assert {s: s.fp32_precision for s in tf32_everywhere} == tf32_everywhere
 
 
+def test_a_caller_on_the_legacy_tf32_flags_keeps_them_and_gets_ieee_inside():
+    module = nn.Linear(3, 2)
+    before = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        with kernel_mode(module):
+            # the same (legacy) API, readable inside: no mix of the two APIs
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.backends.cudnn.allow_tf32 = before[1]
+        torch.set_float32_matmul_precision(before[2])
+
+
 @pytest.mark.parametrize("strategy", ["blocked", "matrix_free"])
 def test_a_fit_inside_a_bf16_autocast_step_equals_a_float32_fit(strategy):
     case = make_case("cnn", n=40)
