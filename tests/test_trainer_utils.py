@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,7 +24,7 @@ from lightning_nfk.trainer_utils import (
     strategy_sum,
 )
 from tests.helpers.models import make_case
-from tests.helpers.processes import child_watchdog
+from tests.helpers.processes import init_gloo, run_two_gloo
 
 HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -202,19 +201,8 @@ def test_nested_sections_hold_in_the_outer_one():
 
 
 # -- two gloo processes ----------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _signal_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    init_gloo(rank, world, port)
 
     def no_barrier(*args, **kwargs):
         raise AssertionError("strategy_sum must not add a barrier")
@@ -290,14 +278,7 @@ def _signal_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("signals")
-    with child_watchdog(120, "the 2-process signal run"):
-        mp.start_processes(
-            _signal_worker,
-            args=(2, _free_port(), str(tmp)),
-            nprocs=2,
-            join=True,
-            start_method="spawn",
-        )
+    run_two_gloo(_signal_worker, tmp, 120, "the 2-process signal run")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -23,7 +23,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from tests.helpers.processes import (
     _descendants,
     assert_same_figures,
     fit_quickstart,
+    free_port,
     wait_for_epoch,
     wait_for_nfk_fit,
 )
@@ -73,10 +73,13 @@ def _no_leftovers() -> Iterator[None]:
     own, out of reach of the watchdog that kills the agent's group)."""
     seen: dict[int, str] = {}
     done = threading.Event()
+    # this test process's own helpers from earlier tests (multiprocessing's resource
+    # tracker) are not the run's
+    earlier = set(_descendants(os.getpid()))
 
     def watch() -> None:
         while not done.is_set():
-            for pid in _descendants(os.getpid()):
+            for pid in set(_descendants(os.getpid())) - earlier:
                 cmd = _cmdline(pid)
                 if cmd is not None:
                     seen.setdefault(pid, cmd)
@@ -186,12 +189,6 @@ def test_torchrun_interrupt_during_nfk_fit_ends_cleanly(tmp_path, sig, target):
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_task(rank: int, port: int, bin_dir: Path) -> dict[str, str]:
     """The variables ``srun --ntasks-per-node=2`` gives task ``rank`` of job 4242 (what
     Lightning's SLURMEnvironment reads), and a PATH where ``scontrol`` is the fake."""
@@ -219,7 +216,7 @@ def test_slurm_requeue_signal_during_nfk_fit_is_honoured_after_it(tmp_path):
     scontrol.chmod(0o755)
     args = ["fit", "--config", str(QUICKSTART), *SMALL, *TRAIN, *TWO]
     ckpt = tmp_path / "lightning_logs" / "quickstart" / "checkpoints"
-    port = _free_port()
+    port = free_port()
     runs = [Run(args, tmp_path, env=_slurm_task(rank, port, bin_dir)) for rank in range(2)]
     try:
         wait_for_epoch(ckpt, 0, runs[0])

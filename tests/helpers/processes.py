@@ -255,3 +255,34 @@ def assert_same_figures(one: dict[str, float], two: dict[str, float]) -> None:
             # accuracies of a probe on features equal to round-off: at most 2 of the 500
             # validation images may sit on a decision boundary within round-off.
             assert two[key] == pytest.approx(value, abs=2 / 500 + 1e-9), key
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """A gloo process group with a TCP rendezvous on loopback, as Lightning's DDP does (a
+    file store's locks proved flaky in this sandbox: one CI run aborted in gloo)."""
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+
+
+def run_two_gloo(worker, out_dir, seconds: float, what: str) -> None:
+    """``worker(rank, world, port, out_dir)`` on two spawned gloo processes, under
+    :func:`child_watchdog`."""
+    import torch.multiprocessing as mp
+
+    with child_watchdog(seconds, what):
+        mp.start_processes(
+            worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True, start_method="spawn"
+        )

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nfk.kernel import LowRankNFK, exact_nfk
 from tests.helpers.models import make_case
-from tests.helpers.processes import child_watchdog
+from tests.helpers.processes import init_gloo, run_two_gloo
 
 RUNS = [
     ("cnn", "blocked"),
@@ -38,19 +36,8 @@ def _fit(case, strategy, data):
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    # TCP rendezvous on loopback, as Lightning's DDP does (a file store's locks proved
-    # flaky in this sandbox: one CI run aborted in gloo).
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    init_gloo(rank, world, port)
     try:
         torch.set_num_threads(1)
         results = {}
@@ -84,10 +71,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    with child_watchdog(240, "the 2-process engine run"):
-        mp.start_processes(
-            _worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True, start_method="spawn"
-        )
+    run_two_gloo(_worker, tmp, 240, "the 2-process engine run")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -148,10 +132,7 @@ class _Noisy(torch.utils.data.Dataset):
 
 
 def _refusing_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    init_gloo(rank, world, port)
     try:
         case = make_case("mlp")
         # rank 0's shard is augmented, rank 1's is fine: only rank 0 can see the problem
@@ -168,14 +149,7 @@ def _refusing_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_a_refusal_on_one_rank_reaches_every_rank(tmp_path):
-    with child_watchdog(120, "the 2-process refusal run"):
-        mp.start_processes(
-            _refusing_worker,
-            args=(2, _free_port(), str(tmp_path)),
-            nprocs=2,
-            join=True,
-            start_method="spawn",
-        )
+    run_two_gloo(_refusing_worker, tmp_path, 120, "the 2-process refusal run")
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert "does not yield the same examples on every pass" in messages[0]
     assert messages[1] == "Another process refused its shard of the fitting data (see its error)."
