@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_nfk.data.image_datamodule import ImageDataModule
-from lightning_nfk.data.image_folder import has_image_folders, read_image_folder
+from lightning_nfk.data.image_folder import find_image_folders, read_image_folder
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -31,10 +31,17 @@ class CIFAR10DataModule(ImageDataModule):
 
     Read from ``data_dir``, in this order:
 
-    * an image-folder tree ``data_dir/{train,test}/<class>/*.{jpg,jpeg,png}`` (the layout
-      ``torchvision.datasets.ImageFolder`` reads; the ten class folders named as in
-      CIFAR-10: airplane, automobile, ..., truck), decoded once into memory, no network;
-    * torchvision's CIFAR-10 (``data_dir/cifar-10-batches-py``, downloaded if absent).
+    * an image-folder tree ``data_dir/{train,test}/<class>/*.{jpg,jpeg,png,webp,gif}`` (the
+      layout ``torchvision.datasets.ImageFolder`` reads; the ten class folders named as in
+      CIFAR-10: airplane, automobile, ..., truck), decoded once into memory, no network.
+      Hidden files (``.*``: macOS's ``._*``, ``.DS_Store``) and OS junk (``Thumbs.db``,
+      ``desktop.ini``) are skipped; ``.bmp``, ``.tif``/``.tiff`` and other formats
+      torchvision cannot decode are refused (convert them); other files are skipped with a
+      warning (see :mod:`lightning_nfk.data.image_folder`). A partial tree (``train/``
+      without ``test/``, or the other way round) is an error naming the missing folder,
+      never a download;
+    * torchvision's CIFAR-10 (``data_dir/cifar-10-batches-py``, downloaded if absent), when
+      neither ``data_dir/train`` nor ``data_dir/test`` exists.
 
     The tree's files are read in sorted order within each class (ImageFolder's order), so
     ``train_subset``, ``val_size`` and ``num_labels`` draw other examples than from
@@ -45,11 +52,11 @@ class CIFAR10DataModule(ImageDataModule):
     std = (0.2470, 0.2435, 0.2616)
 
     def prepare_data(self) -> None:
-        if not has_image_folders(self.data_dir):  # a tree is read once, at setup
+        if not find_image_folders(self.data_dir):  # a tree is read once, at setup
             super().prepare_data()
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
-        if has_image_folders(self.data_dir):
+        if find_image_folders(self.data_dir):  # raises on a partial tree
             folder = Path(self.data_dir) / ("train" if train else "test")
             images, labels, _ = read_image_folder(folder, CIFAR10_CLASSES, (3, 32, 32))
             return images, labels
@@ -61,8 +68,8 @@ class CIFAR10DataModule(ImageDataModule):
             raise FileNotFoundError(
                 f"CIFAR-10 not found in `data_dir` ({self.data_dir!r}). Provide it one of "
                 "these ways:\n1. an image-folder tree "
-                f"{Path(self.data_dir) / '{train,test}' / '<class>' / '*.jpg|png'} with the "
-                f"class folders {list(CIFAR10_CLASSES)}\n2. let torchvision download it "
+                f"{Path(self.data_dir) / '{train,test}' / '<class>' / '*.jpg|png|webp|gif'} "
+                f"with the class folders {list(CIFAR10_CLASSES)}\n2. let torchvision download it "
                 f"(needs the network): failed with {type(err).__name__}: {err}"
             ) from err
         images = torch.from_numpy(
