@@ -13,6 +13,8 @@ the student's penultimate features. See docs/design.md, section 8.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +28,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import CosineSimilarity, R2Score
 from typing_extensions import override
 
+from lightning_nfk._io import check_torch_file, describe_error
 from lightning_nfk.kernel import ClassifierEnergy, Energy, NFKConfig, check_int
-from lightning_nfk.models.teacher_targets import TeacherTargets, fit_or_load
+from lightning_nfk.models.teacher_targets import (
+    TeacherTargets,
+    check_cache_path,
+    data_fingerprint,
+    fit_or_load,
+)
+from lightning_nfk.runs import resolve_checkpoint
 from lightning_nfk.trainer_utils import check_strategy
 
 Mode = Literal["nfkd", "kd", "none"]
@@ -48,8 +57,10 @@ class NFKDistillationModule(pl.LightningModule):
     * ``"none"``: the student alone (cross-entropy).
 
     The teacher is frozen: its parameters do not require grad, are outside the optimizer,
-    and it stays in eval mode (``train()`` never switches it). Its NFK is fitted at the start
-    of ``fit`` (``on_fit_start``, before any training step), or read from ``nfk_cache``.
+    it stays in eval mode (``train()`` never switches it), and it keeps the dtype of its
+    weights whatever the trainer's precision (``bf16-true`` converts the student, not the
+    teacher: its weights stay bit-identical). Its NFK is fitted at the start of ``fit``
+    (``on_fit_start``, before any training step), or read from ``nfk_cache``.
 
     Targets (``targets``):
 
@@ -71,8 +82,10 @@ class NFKDistillationModule(pl.LightningModule):
 
     A checkpoint holds the student, the head, the (frozen) teacher and, in precomputed
     mode, the target tables (N x k and N_val x k floats); not the teacher's NFK
-    components. Resuming a precomputed run reads the tables from the checkpoint; an
-    online run fits again (or reads ``nfk_cache``).
+    components. Resuming a precomputed run reads the tables from the checkpoint (fitted
+    again when the training split's examples or labels changed); an online run fits again
+    (or reads ``nfk_cache``). Resuming with another teacher than the checkpoint's (other
+    weights in ``teacher_checkpoint``) or other NFK settings is refused.
 
     The module implements the NFK protocol for the student (``nfk_energy``), so
     :class:`~lightning_nfk.callbacks.NFKSpectrumCallback` and
@@ -86,7 +99,9 @@ class NFKDistillationModule(pl.LightningModule):
         teacher_checkpoint: a file with the teacher's weights: a
             :class:`~lightning_nfk.models.ClassifierModule` checkpoint (``net.*`` keys), a
             Lightning checkpoint of any module whose keys end in the teacher's, or a plain
-            ``state_dict``; loaded at construction.
+            ``state_dict``; or a recipe's log folder (``lightning_logs/<teacher recipe>``),
+            meaning its newest run's ``last.ckpt``. Loaded (and checked: a corrupted file
+            is refused) at construction.
         mode: ``"nfkd"``, ``"kd"`` or ``"none"``.
         num_classes: number of classes.
         alpha: weight of the cross-entropy; default 0.5 for ``"nfkd"`` and 0.1 for
@@ -105,7 +120,9 @@ class NFKDistillationModule(pl.LightningModule):
             budget); lower it to save memory on a large teacher.
         nfk_cache: a file keeping the teacher's fitted NFK and tables across runs (seeds,
             baselines): read when it matches the teacher's weights, the NFK settings and the
-            fitting data, else written after the fit.
+            fitting data (every example and label), else written after the fit. Only a
+            cache is ever replaced: an existing file of another kind (the teacher's
+            checkpoint, a state dict, ...) is refused at construction.
         optimizer: an optimizer factory, given the student's and the head's parameters.
         scheduler: an optional scheduler factory (stepped every epoch).
     """
@@ -142,12 +159,14 @@ class NFKDistillationModule(pl.LightningModule):
         check_int("nfk_batch_size", nfk_batch_size, 1)
         if alpha is None:
             alpha = {"nfkd": 0.5, "kd": 0.1, "none": 1.0}[mode]
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        if not (_is_number(alpha) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
         if mode == "none" and alpha != 1.0:
             raise ValueError(f"`alpha` must be 1 (or None) for mode='none', got {alpha!r}.")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+        if not (_is_number(temperature) and 0 < temperature < math.inf):
+            raise ValueError(
+                f"`temperature` must be a positive finite number, got {temperature!r}."
+            )
         for name, net in (("student", student), ("teacher", teacher)):
             if not isinstance(net, nn.Module):
                 raise TypeError(f"`{name}` must be an nn.Module, got {type(net).__name__}.")
@@ -161,10 +180,16 @@ class NFKDistillationModule(pl.LightningModule):
         self.nfk_config = NFKConfig(
             k=k, oversample=oversample, n_iter=n_iter, seed=nfk_seed, chunk_size=chunk_size
         )
+        teacher_file = None
+        if teacher_checkpoint is not None:
+            teacher_file = resolve_checkpoint(teacher_checkpoint, "`teacher_checkpoint`")
+        check_cache_path(nfk_cache, teacher_file)
         self.save_hyperparameters(ignore=["student", "teacher", "head", "optimizer", "scheduler"])
         self.student, self.teacher = student, teacher
-        if teacher_checkpoint is not None:
-            load_teacher_weights(teacher, teacher_checkpoint)
+        # the file the teacher's weights came from (a folder resolved to its newest run's)
+        self.teacher_file = None if teacher_file is None else str(teacher_file)
+        if teacher_file is not None:
+            load_teacher_weights(teacher, teacher_file)
         teacher.eval()
         teacher.requires_grad_(False)
         self.mode, self.alpha, self.temperature = mode, float(alpha), float(temperature)
@@ -201,6 +226,32 @@ class NFKDistillationModule(pl.LightningModule):
         self.teacher.eval()  # always: BatchNorm statistics and dropout of the teacher frozen
         return self
 
+    @override
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> NFKDistillationModule:
+        """Moves and conversions reach the teacher as moves only: the frozen teacher keeps
+        its dtype (``precision="bf16-true"`` and ``.half()`` convert the student; a
+        bfloat16 teacher would change the targets, up to 1.7% measured, and break the
+        promise that its weights stay bit-identical)."""
+        teacher = self._modules.get("teacher")
+        if not recurse or teacher is None:
+            return super()._apply(fn, recurse)
+        self._modules["teacher"] = None  # skipped by nn.Module._apply; the key keeps its place
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["teacher"] = teacher
+
+        def keep_dtype(t: Tensor) -> Tensor:
+            target = fn(t.new_empty(0))  # where and as what fn would put t
+            return fn(t) if target.dtype == t.dtype else t.to(device=target.device)
+
+        teacher._apply(keep_dtype, recurse)
+        return self
+
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        """The teacher's logits of ``x`` (read in the teacher's dtype)."""
+        return self.teacher(x.to(_floating_dtype(self.teacher, x.dtype)))
+
     # -- set-up: checks before anything expensive, then the teacher's NFK ----------------------
     @override
     def setup(self, stage: str) -> None:
@@ -225,16 +276,22 @@ class NFKDistillationModule(pl.LightningModule):
 
     def _check_classes(self, dataset: Any) -> None:
         item = dataset[0]
-        x = (item[0] if isinstance(item, (tuple, list)) else item)[None]
-        x = x.to(self.device, next(self.student.parameters()).dtype)
+        x = (item[0] if isinstance(item, (tuple, list)) else item)[None].to(self.device)
         modes = [(m, m.training) for m in self.student.modules()]
+        widths = {}
         try:
             self.student.eval()
-            with torch.no_grad():
-                widths = {
-                    "student": self.student(x).shape[-1],
-                    "teacher": self.teacher(x).shape[-1],
-                }
+            for who, net in (("student", self.student), ("teacher", self.teacher)):
+                try:
+                    with torch.no_grad():
+                        widths[who] = net(x.to(_floating_dtype(net, x.dtype))).shape[-1]
+                except Exception as e:  # a layer that cannot read these inputs
+                    raise ValueError(
+                        f"The {who} ({type(net).__name__}) cannot read the training data's "
+                        f"inputs of shape {tuple(x.shape[1:])}: {describe_error(e)}. Build the "
+                        f"{who} for this data (e.g. its input channels) or use a data module "
+                        f"that matches it."
+                    ) from e
         finally:
             for m, training in modes:
                 m.training = training
@@ -273,12 +330,15 @@ class NFKDistillationModule(pl.LightningModule):
         """Fit the teacher's NFK, or read it from ``nfk_cache``, unless the tables were
         restored from a checkpoint of the same training split."""
         dm = self.trainer.datamodule
+        train_set = dm.dataset("train")
+        fingerprint = data_fingerprint(train_set)  # once: every example and label
         if self._restored_tables is not None and self.targets == "precomputed":
-            if self.teacher_targets.matches(dm.dataset("train")):
+            if self.teacher_targets.matches(fingerprint):
                 return  # resumed: the tables came with the checkpoint, no refit
             rank_zero_warn(
                 "The checkpoint's distillation targets were fitted on another training split "
-                "(size or content differ): fitting the teacher's NFK again."
+                "(its examples, labels or normalisation differ, or the checkpoint is from an "
+                "older version): fitting the teacher's NFK again."
             )
         try:
             val_set = dm.dataset("val")
@@ -287,10 +347,11 @@ class NFKDistillationModule(pl.LightningModule):
         how = fit_or_load(
             self.teacher_targets,
             self.trainer,
-            dm.dataset("train"),
+            train_set,
             val_set,
             self.nfk_batch_size,
             self.nfk_cache,
+            fingerprint,
         )
         if how == "fit":
             self.print(f"Teacher NFK fitted in {self.teacher_targets.seconds:.1f} s.")
@@ -336,7 +397,7 @@ class NFKDistillationModule(pl.LightningModule):
         loss = ce
         if self.mode == "kd":
             with torch.no_grad():
-                teacher_logits = self.teacher(x)
+                teacher_logits = self._teacher_logits(x).to(logits.dtype)
             t = self.temperature
             kd = F.kl_div(
                 F.log_softmax(logits / t, dim=1),
@@ -400,9 +461,42 @@ class NFKDistillationModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher_file is not None:
+            self._check_same_teacher(checkpoint.get("state_dict", {}))
         self._restored_tables = checkpoint.get(_CHECKPOINT_KEY)
         if self._restored_tables is not None:
             self.teacher_targets.load_tables(self._restored_tables)
+
+    def _check_same_teacher(self, state: dict[str, Tensor]) -> None:
+        """Refuse a checkpoint whose teacher differs from the one ``teacher_checkpoint``
+        loaded: the checkpoint's weights would silently replace it, and the student was
+        trained against the other teacher."""
+        differ = [
+            name
+            for name, t in self.teacher.state_dict().items()
+            if f"teacher.{name}" in state
+            and not (
+                state[f"teacher.{name}"].shape == t.shape
+                and torch.equal(state[f"teacher.{name}"].to(t.device, t.dtype), t)
+            )
+        ]
+        if differ:
+            raise ValueError(
+                f"The checkpoint was trained with another teacher than `teacher_checkpoint` "
+                f"({self.teacher_file!r}): {len(differ)} of its tensors differ (e.g. "
+                f"{differ[0]!r}). Resume with the teacher_checkpoint of the run that wrote it, "
+                "or start a new run (without --ckpt_path) to distil from this teacher."
+            )
+
+
+def _is_number(value: object) -> bool:
+    """A real number (int or float), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _floating_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``net``'s first floating-point parameter (``default`` without one)."""
+    return next((p.dtype for p in net.parameters() if p.is_floating_point()), default)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -435,10 +529,14 @@ def load_teacher_weights(teacher: nn.Module, path: str | Path) -> None:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"`teacher_checkpoint` {str(path)!r} does not exist.")
+    check_torch_file(path, "`teacher_checkpoint`")  # empty, or records failing their CRC
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or pickled objects beyond weights
-        raise ValueError(f"`teacher_checkpoint` {str(path)!r} cannot be read: {e}") from e
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} cannot be read as a torch checkpoint "
+            f"({describe_error(e)})."
+        ) from e
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"`teacher_checkpoint` {str(path)!r} holds no state dict.")
@@ -473,5 +571,11 @@ def load_teacher_weights(teacher: nn.Module, path: str | Path) -> None:
         raise ValueError(
             f"`teacher_checkpoint` {str(path)!r} does not fit the teacher (another number of "
             f"classes or another architecture?): {'; '.join(shapes[:3])}."
+        )
+    bad = [k for k, v in candidate.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"`teacher_checkpoint` {str(path)!r} holds non-finite values in {len(bad)} "
+            f"tensors (e.g. {bad[0]!r}): a diverged teacher cannot give targets."
         )
     teacher.load_state_dict(candidate)

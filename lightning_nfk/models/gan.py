@@ -68,6 +68,12 @@ class GANModule(pl.LightningModule):
     def forward(self, h: Tensor) -> Tensor:
         return self.generator(h)
 
+    def probe_forward(self, x: Tensor) -> Tensor:
+        """The forward that reads data examples (images): the discriminator's. What
+        :class:`~lightning_nfk.callbacks.LinearProbeCallback` runs for layer features, since
+        ``forward`` maps latents to images."""
+        return self.discriminator(x)
+
     def nfk_energy(self) -> Energy:
         return GANEnergy(
             self.discriminator,
@@ -129,8 +135,15 @@ class GANModule(pl.LightningModule):
                 b.copy_(value.view_as(b))
 
     def validation_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
+        self.log("val/d_real", self._d_real(batch), sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
+        self.log("test/d_real", self._d_real(batch), sync_dist=True)
+
+    def _d_real(self, batch: tuple[Tensor, ...] | Tensor) -> Tensor:
+        """The discriminator's mean probability that the batch's images are real."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        self.log("val/d_real", torch.sigmoid(self.discriminator(x)).mean(), sync_dist=True)
+        return torch.sigmoid(self.discriminator(x)).mean()
 
     def configure_optimizers(self):
         return [

@@ -51,6 +51,11 @@ class VAEModule(pl.LightningModule):
     def nfk_energy(self) -> Energy:
         return self.energy
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The network's forward (``vae(x)``): what layer features of
+        :class:`~lightning_nfk.callbacks.LinearProbeCallback` run."""
+        return self.vae(x)
+
     def _elbo(self, batch: tuple[Tensor, ...] | Tensor) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         # each rank its own rows of one global draw (the ranks' generators are in step)
@@ -65,6 +70,9 @@ class VAEModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.log("val/elbo", self._elbo(batch), sync_dist=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.log("test/elbo", self._elbo(batch), sync_dist=True)
 
     def configure_optimizers(self):
         return self.optimizer(self.parameters())
