@@ -2,18 +2,144 @@
 
 lightning-nfk fit --config recipes/quickstart.yaml
 lightning-nfk fit --config recipes/quickstart.yaml --trainer.strategy=ddp --trainer.devices=2
+lightning-nfk fit --config recipes/quickstart.yaml --ckpt_path last    # resume the newest run
+lightning-nfk test --config recipes/quickstart.yaml --ckpt_path last   # test it
+
+Each run writes to a folder of its own (see :mod:`lightning_nfk.runs`): the CLI gives the
+logger the next free ``version_N`` before anything is built, so that concurrent runs of one
+recipe never mix their metrics, configs, plots or checkpoints.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_nfk.runs import (
+    RunFolderError,
+    claim_new_run,
+    latest_checkpoint,
+    launch_rank,
+    lock_run,
+    run_of,
+)
+
+# the run number rank zero claimed, for the processes Lightning's `ddp` launcher starts
+# (they inherit the environment and parse the same command line)
+_RUN_ENV = "LIGHTNING_NFK_RUN_VERSION"
+
+
+class NFKCLI(LightningCLI):
+    """LightningCLI that gives every run its own logger folder (``version_N``, claimed
+    atomically) and resolves ``--ckpt_path last`` to the newest run's ``last.ckpt``."""
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is not None:
+            assign_run_folder(self.config[self.subcommand], self.subcommand)
+
+
+def _run_logger(trainer_config: Any) -> Any | None:
+    """The logger's ``init_args`` when the trainer has one logger with ``save_dir``, ``name``
+    and ``version`` (CSVLogger, TensorBoardLogger), else None."""
+    logger = trainer_config.get("logger")
+    if isinstance(logger, list) and len(logger) == 1:
+        logger = logger[0]
+    args = getattr(logger, "init_args", None) if logger is not None else None
+    if args is None or not all(k in args for k in ("save_dir", "name", "version")):
+        return None
+    return args
+
+
+def _explicit_dirpath(trainer_config: Any) -> bool:
+    """Whether a ModelCheckpoint of the config writes to a fixed ``dirpath``."""
+    return any(
+        str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint")
+        and getattr(cb, "init_args", None) is not None
+        and bool(cb.init_args.get("dirpath"))
+        for cb in trainer_config.get("callbacks") or []
+    )
+
+
+def assign_run_folder(config: Any, subcommand: str) -> None:
+    """Choose the run's folder and checkpoint in the parsed ``config`` (in place):
+
+    * a new ``version_N`` (the next free number, created here) unless the logger names its
+      version or ``fit`` resumes a run;
+    * ``--ckpt_path last``: the newest ``checkpoints/last.ckpt`` among the recipe's runs;
+      ``fit`` continues that run in its folder, ``validate``/``test`` read it and log to a
+      new folder; an error when there is none (``fit``: Lightning's warning, a new run);
+    * ``fit --ckpt_path <run>/checkpoints/<file>``: continues that run in its folder.
+
+    ``fit`` locks its folder (refused when a live process holds it). Only the launch's rank
+    zero creates folders and locks; Lightning's ``ddp`` launcher's processes take its
+    number from the environment, torchrun's use the checkpoint folder rank zero broadcasts.
+    """
+    args = _run_logger(config.trainer)
+    ckpt = config.get("ckpt_path")
+    if args is None or _explicit_dirpath(config.trainer):
+        if ckpt == "last" and subcommand != "fit":
+            _no_last(subcommand, "the trainer has no single versioned logger")
+        return
+    root = Path(args.save_dir or config.trainer.get("default_root_dir") or ".") / str(args.name)
+    resume = None
+    if ckpt == "last":
+        resume = latest_checkpoint(root)
+        if resume is None and subcommand != "fit":
+            _no_last(subcommand, f"no run under {str(root)!r} has checkpoints/last.ckpt")
+        if resume is not None:
+            config.ckpt_path = str(resume)
+            rank_zero_info(f"--ckpt_path last: {resume}")
+    elif subcommand == "fit" and ckpt not in (None, "best", "hpc") and Path(ckpt).is_file():
+        resume = Path(ckpt)
+    elif subcommand != "fit" and ckpt is None:
+        rank_zero_warn(
+            f"`lightning-nfk {subcommand}` without --ckpt_path evaluates the model as the config "
+            "builds it (untrained): pass --ckpt_path last (the newest run of this recipe) or a "
+            "checkpoint file."
+        )
+    run = run_of(resume) if subcommand == "fit" and resume is not None else None
+    if args.version is None and run is not None and run[0].resolve() == root.resolve():
+        args.version = run[1]
+    rank0 = launch_rank() == 0
+    if args.version is None:
+        inherited = _inherited_run()
+        if not rank0 and inherited is not None:
+            args.version = inherited
+        elif rank0:
+            args.version = claim_new_run(root)
+            os.environ[_RUN_ENV] = f"{os.getpid()}:{args.version}"
+        # else torchrun's ranks > 0: the checkpoint folder rank zero broadcasts is used
+    if subcommand == "fit" and rank0:
+        folder = f"version_{args.version}" if isinstance(args.version, int) else args.version
+        lock_run(root / folder)
+
+
+def _inherited_run() -> int | None:
+    """The run number claimed by this process's parent (Lightning's ``ddp`` launcher runs
+    the command again in child processes), None otherwise."""
+    pid, _, version = os.environ.get(_RUN_ENV, "").partition(":")
+    if pid.isdigit() and int(pid) == os.getppid() and version.isdigit():
+        return int(version)
+    return None
+
+
+def _no_last(subcommand: str, why: str) -> None:
+    raise RunFolderError(
+        f"`lightning-nfk {subcommand} --ckpt_path last` found no checkpoint: {why}. Train the "
+        "recipe first (`lightning-nfk fit --config ...`), or pass --ckpt_path <file>."
+    )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI (``args`` defaults to ``sys.argv[1:]``); subcommands fit, validate,
     test; ``run=False`` only parses and instantiates (no subcommand in ``args`` then)."""
-    return LightningCLI(
+    return NFKCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -27,8 +153,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 def main() -> None:
     """Console entry point ``lightning-nfk``."""
-    build_cli()
+    try:
+        build_cli()
+    except RunFolderError as e:
+        sys.exit(f"lightning-nfk: error: {e}")
 
 
-if __name__ == "__main__":
-    main()
+__all__ = ["NFKCLI", "assign_run_folder", "build_cli", "main"]

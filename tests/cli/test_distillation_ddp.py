@@ -33,7 +33,14 @@ def _targets(tmp: Path, *extra: str) -> dict:
     run_cli(["fit", "--config", str(RECIPE), *SMALL, *extra], tmp, timeout=300)
     cache = tmp / "lightning_logs" / "fashion_mnist_distill_teacher" / "nfk_k20.pt"
     state = torch.load(cache, map_location="cpu", weights_only=True)
-    ckpt = tmp / "lightning_logs" / "fashion_mnist_distill_nfkd" / "checkpoints" / "last.ckpt"
+    ckpt = (
+        tmp
+        / "lightning_logs"
+        / "fashion_mnist_distill_nfkd"
+        / "version_0"
+        / "checkpoints"
+        / "last.ckpt"
+    )
     assert ckpt.stat().st_size > 0
     return state
 

@@ -156,7 +156,7 @@ def test_torchrun_logs_what_one_process_logs(one_process, tmp_path):
 )
 def test_torchrun_interrupt_during_nfk_fit_ends_cleanly(tmp_path, sig, target):
     args = ["fit", "--config", str(QUICKSTART), *SMALL, *TRAIN, *TWO]
-    ckpt = tmp_path / "lightning_logs" / "quickstart" / "checkpoints"
+    ckpt = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
     with _no_leftovers():
         run = Run(args, tmp_path, launcher=TORCHRUN)
         wait_for_epoch(ckpt, 0, run)
@@ -215,7 +215,7 @@ def test_slurm_requeue_signal_during_nfk_fit_is_honoured_after_it(tmp_path):
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(0o755)
     args = ["fit", "--config", str(QUICKSTART), *SMALL, *TRAIN, *TWO]
-    ckpt = tmp_path / "lightning_logs" / "quickstart" / "checkpoints"
+    ckpt = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
     port = free_port()
     runs = [Run(args, tmp_path, env=_slurm_task(rank, port, bin_dir)) for rank in range(2)]
     try:

@@ -73,7 +73,7 @@ def test_killed_run_resumes_with_the_same_history(tmp_path, devices):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     whole.mkdir(), broken.mkdir()
     run_cli(base, whole)
-    ckpt = Path("lightning_logs/quickstart/checkpoints")
+    ckpt = Path("lightning_logs/quickstart/version_0/checkpoints")
 
     run = Run(base, broken)
     wait_for_epoch(broken / ckpt, 1, run)
@@ -85,9 +85,11 @@ def test_killed_run_resumes_with_the_same_history(tmp_path, devices):
     resumed = _histories(broken / ckpt / "last.ckpt")
     for name, history in expected.items():
         _same_history(history, resumed[name])
-    # the resumed run logged epoch 2 only, into a new version
-    logged = logged_metrics(broken / "lightning_logs" / "quickstart" / "version_1")
-    assert {key.split("@")[1] for key in logged} == {"2"}
+    # the resumed run continued its own folder (no new version) and logged epoch 2 there
+    runs = broken / "lightning_logs" / "quickstart"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]
+    logged = logged_metrics(runs / "version_0")
+    assert "2" in {key.split("@")[1] for key in logged}
 
 
 @pytest.mark.slow
@@ -99,7 +101,7 @@ def test_killed_run_resumes_with_the_same_history(tmp_path, devices):
 def test_interrupt_during_nfk_fit_ends_cleanly(tmp_path, sig, target):
     args = ["fit", "--config", str(QUICKSTART), *SMALL, *TRAIN, *TWO, "--trainer.strategy=ddp"]
     run = Run(args, tmp_path)
-    ckpt = tmp_path / "lightning_logs" / "quickstart" / "checkpoints"
+    ckpt = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
     wait_for_epoch(ckpt, 0, run)
     wait_for_nfk_fit(run)  # the spectrum fit of epoch 1 has started
     if target == "launcher":

@@ -66,9 +66,7 @@ def _small(config: dict, tmp_path: Path) -> dict:
     }
     for cb in trainer["callbacks"]:
         name = cb["class_path"].rsplit(".", 1)[1]
-        if name == "ModelCheckpoint":
-            cb["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
-        else:
+        if name != "ModelCheckpoint":  # checkpoints: the run's own folder under tmp_path
             cb.setdefault("init_args", {}).update(SMALL_CALLBACKS[name])
     model = config["model"]["init_args"]
     if "nfk_num_samples" in model:
@@ -94,9 +92,11 @@ def test_recipe_parses_as_is(recipe):
     )  # parses and instantiates model, data module, trainer, callbacks
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
     assert "NFKSpectrumCallback" in names and "LinearProbeCallback" in names
-    # `--ckpt_path last` needs a fixed checkpoint folder with a last.ckpt
+    # `--ckpt_path last` needs a last.ckpt in the run's own folder (no fixed `dirpath`, which
+    # concurrent runs of the recipe would share)
     (ckpt,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"]
-    assert ckpt.save_last and ckpt.dirpath
+    assert ckpt.save_last and ckpt.dirpath is None
+    assert cli.trainer.logger.name == recipe.stem
     assert callable(cli.model.nfk_energy)
 
 
@@ -108,6 +108,9 @@ def test_recipe_runs_one_small_epoch(recipe, tmp_path):
     cli = build_cli(["fit", "--config", str(path)])
     metrics = cli.trainer.callback_metrics
     assert "nfk/sigma_1" in metrics and "probe/acc" in metrics
+    # everything the run wrote is in its own folder
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.csv").is_file()
 
 
 def test_console_entry_points():
