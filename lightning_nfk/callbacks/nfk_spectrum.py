@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_nfk._io import atomic_write
 from lightning_nfk.kernel import (
     LowRankNFK,
     NFKConfig,
@@ -274,8 +275,10 @@ class NFKSpectrumCallback(Callback):
         ax.legend(loc="lower right")
         ax.set_title("NFK spectrum on the probe set")
         fig.tight_layout()
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out / f"epoch={trainer.current_epoch:03d}.png", dpi=100)
+        atomic_write(  # whole or absent: a viewer never shows half a PNG
+            out / f"epoch={trainer.current_epoch:03d}.png",
+            lambda tmp: fig.savefig(tmp, dpi=100, format="png"),
+        )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("nfk/spectrum", fig, global_step=trainer.global_step)

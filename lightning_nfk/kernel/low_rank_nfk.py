@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_nfk._io import atomic_torch_save
 from lightning_nfk.kernel._data import Data, check_data, has_fixed_order
 from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
@@ -324,8 +325,9 @@ class LowRankNFK:
         self._op, self._fit, self._fit_embedding = op, fit, None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save :meth:`state_dict` with ``torch.save``."""
-        torch.save(self.state_dict(), path)
+        """Save :meth:`state_dict` with ``torch.save``, atomically (a temporary file beside
+        ``path``, then renamed: a reader or a crash never sees half a file)."""
+        atomic_torch_save(self.state_dict(), path)
 
     @classmethod
     def load(
