@@ -21,7 +21,7 @@ import torch
 
 from lightning_nfk.data import CIFAR10DataModule
 from lightning_nfk.models import NFKDistillationModule, WideResNet
-from lightning_nfk.models.teacher_targets import TeacherTargets
+from lightning_nfk.models.teacher_targets import TeacherTargets, data_fingerprint
 
 
 def r2(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--teacher-width", type=int, default=2)
     a = p.parse_args()
     out = Path(a.out)
-    ckpt = out / "teacher/lightning_logs/cifar10_wrn40_2_teacher/checkpoints/last.ckpt"
+    ckpt = out / "teacher/lightning_logs/cifar10_wrn40_2_teacher"  # its newest run's last.ckpt
     teacher = WideResNet(a.teacher_depth, a.teacher_width)
     module = NFKDistillationModule(
         WideResNet(16, 1), teacher, teacher_checkpoint=str(ckpt), n_iter=a.n_iter
@@ -54,7 +54,8 @@ def main() -> None:
     )
     dm.setup()
     targets: TeacherTargets = module.teacher_targets
-    why = targets.load(out / f"nfk_cache_k20_n{a.n_iter}.pt", dm.dataset("train"))
+    cache = out / f"nfk_cache_k20_n{a.n_iter}.pt"
+    why = targets.load(cache, data_fingerprint(dm.dataset("train")))
     if why is not None:
         raise SystemExit(f"the NFK cache does not apply: {why}")
     assert targets.train is not None and targets.rms is not None

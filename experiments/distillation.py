@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_nfk.runs import latest_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
@@ -111,9 +113,11 @@ def main() -> None:
         milestones(a.teacher_epochs),
         *data,
     ]
-    teacher_ckpt = teacher_dir / "lightning_logs/cifar10_wrn40_2_teacher/checkpoints/last.ckpt"
+    # the teacher recipe's folder: `teacher_checkpoint` reads its newest run's last.ckpt
+    teacher_ckpt = teacher_dir / "lightning_logs/cifar10_wrn40_2_teacher"
     if "teacher" not in results:
-        seconds = 0.0 if teacher_ckpt.exists() else cli(teacher_dir, ["fit", *teacher_args], log)
+        trained = latest_checkpoint(teacher_ckpt) is not None
+        seconds = 0.0 if trained else cli(teacher_dir, ["fit", *teacher_args], log)
         cli(teacher_dir, ["test", *teacher_args, "--ckpt_path=last"], log)
         m = metrics(teacher_dir, "cifar10_wrn40_2_teacher")
         record(
