@@ -29,6 +29,7 @@ from lightning_nfk.kernel import (
     kernel_mode,
     select_and_fit,
 )
+from lightning_nfk.kernel.distributed import rank_and_world_size
 from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
@@ -55,8 +56,27 @@ class LinearProbeCallback(Callback):
       of the same trainer when it fitted this epoch, else from this callback's own
       :class:`LowRankNFK` fit on ``nfk_fit_size`` training examples;
     * the name of a submodule of the LightningModule (e.g. ``"net.classifier.4"``): its
-      flattened output activations, in eval mode;
-    * a callable ``f(pl_module, x) -> (B, d)`` features.
+      flattened output activations, in eval mode, read with a forward hook while the
+      module runs ``pl_module.probe_forward(x)`` when it defines that method, else
+      ``pl_module(x)``. A module whose ``forward`` does not read data examples defines
+      ``probe_forward`` (:class:`~lightning_nfk.models.GANModule`: ``forward`` maps
+      latents to images, ``probe_forward`` runs the discriminator). The layer must run
+      exactly once per forward and output a tensor; for a layer that runs several times
+      or outputs a tuple, pass a callable;
+    * a callable ``f(pl_module, x) -> (B, d)`` (or ``(B, ...)``, flattened) floating-point
+      features, run without gradients in eval mode.
+
+    Layer and callable features see inputs in the module's dtype (bfloat16 under
+    ``precision="bf16-true"``) and on its device.
+
+    Checks, before any training step where the input allows: the labelled training and the
+    validation selections must each hold at least two classes (at ``setup``, or at train
+    start for loaders passed to ``fit``); layer and callable features are run once on two
+    validation examples (at fit start, or at train start for loaders passed to ``fit``; in
+    eval mode, without gradients, the RNG and train/eval flags restored) and must give a
+    floating-point tensor with one row per example and finite values. At every probe the
+    gathered features are checked again (finite, one row per example, the same width in
+    both splits): every rank holds the same gathered features and raises the same error.
 
     The probe: centred features scaled as ``scaling`` says (standardised by default),
     full-batch L-BFGS in float64, L2 strength chosen from ``l2_grid`` on a seeded held-out
@@ -66,6 +86,10 @@ class LinearProbeCallback(Callback):
     features of its own shard; they are gathered, and every rank fits the same probe.
 
     Logs ``probe/acc`` (validation accuracy), ``probe/train_acc`` and ``probe/l2``.
+
+    The callback never changes the training it observes: its forwards run in eval mode
+    without gradients, and the global RNG (CPU and the module's CUDA devices), the
+    train/eval flags and the optimizer are left as they were.
 
     Args:
         features: ``"nfk"``, a submodule name or a callable (see above).
@@ -157,9 +181,17 @@ class LinearProbeCallback(Callback):
             self._check_splits(trainer)
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the strategy's setup (the module on its device and in its precision, e.g.
+        # bfloat16 under `bf16-true`), before the sanity check and any training step
+        if trainer.datamodule is not None:
+            self._check_features(trainer, pl_module)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.datamodule is None:  # loaders passed to fit() exist only now
             self._check_splits(trainer)
+            self._check_features(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,6 +204,8 @@ class LinearProbeCallback(Callback):
     def _check_splits(self, trainer: pl.Trainer) -> None:
         for split, name in (("labeled", "labelled training"), ("val", "validation")):
             check_items(reference_dataset(trainer, split), labels=True, where=f"{name} dataset")
+        for split, name in (("labeled", "labelled training"), ("val", "validation")):
+            self._check_classes(reference_dataset(trainer, split), split, name)
         n_fit = min(self.nfk_fit_size, self.max_train, len(reference_dataset(trainer, "labeled")))
         if self.features == "nfk" and self.config.columns > n_fit:
             raise ValueError(
@@ -180,13 +214,40 @@ class LinearProbeCallback(Callback):
                 f"labelled training examples) = {n_fit}."
             )
 
+    def _selection(self, dataset: Any, which: str) -> Tensor:
+        """The seeded, capped indices of the labelled-train or validation examples used."""
+        cap = self.max_train if which == "labeled" else self.max_val
+        return seeded_subset(len(dataset), cap, self.seed + (which == "val"))
+
+    def _check_classes(self, dataset: Any, which: str, name: str) -> None:
+        """At least two classes in the selection: one class gives an accuracy of 1.0 that
+        says nothing. Each rank reads the labels itself (no collective), in a fixed shuffled
+        order (datasets sorted by class, such as image folders, meet a second class early)
+        up to the second class it meets."""
+        indices = self._selection(dataset, which)
+        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
+        first = None
+        for i in indices[order].tolist():
+            label = int(dataset[i][1])
+            if first is None:
+                first = label
+            elif label != first:
+                return
+        cap = "max_train" if which == "labeled" else "max_val"
+        budget = " (with a label budget, `num_labels` >= 2)" if which == "labeled" else ""
+        raise ValueError(
+            f"The linear probe needs at least two classes in both splits: the {name} "
+            f"selection ({len(indices)} examples, `{cap}`={getattr(self, cap)}) holds only "
+            f"class {first}. Cure: give the probe labelled {name} data with two classes or "
+            f"more{budget}, or raise `{cap}` if the selection is too small to hold them."
+        )
+
     def _split(self, trainer: pl.Trainer, which: str) -> tuple[Tensor, Tensor, int, int]:
         """This rank's shard (x, y) of the (seeded, capped) labelled-train or validation
         examples, the shard's first position in the whole selection, and its size."""
         if which not in self._cache:
-            cap = self.max_train if which == "labeled" else self.max_val
             dataset = reference_dataset(trainer, which)
-            indices = seeded_subset(len(dataset), cap, self.seed + (which == "val"))
+            indices = self._selection(dataset, which)
             local, lo = local_shard(trainer, indices)
             x, y = stack_items(dataset, local, labels=True)
             assert y is not None
@@ -194,6 +255,12 @@ class LinearProbeCallback(Callback):
         return self._cache[which]
 
     # -- features ------------------------------------------------------------------------------
+    def _name(self) -> str:
+        """``features`` as messages show it: ``'net.4'`` or ``callable f``."""
+        if isinstance(self.features, str):
+            return repr(self.features)
+        return f"callable {getattr(self.features, '__name__', type(self.features).__name__)}"
+
     def _nfk(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, reduce: Reduce
     ) -> LowRankNFK:
@@ -213,59 +280,178 @@ class LinearProbeCallback(Callback):
         nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
         return nfk.fit(x_fit.to(pl_module.device))
 
+    def _check_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run a layer's or a callable's features once on the first two examples of the
+        validation selection and refuse what the probe could not use, before training.
+
+        Every rank runs the same examples through the same module (no collective), so every
+        rank decides the same. Eval mode, no gradients; the RNG streams and the train/eval
+        flags are restored (:func:`kernel_mode`), so the training is the same without it.
+        """
+        if self.features == "nfk":  # the NFK's embeddings need a fit: checked when gathered
+            return
+        dataset = reference_dataset(trainer, "val")
+        x, _ = stack_items(dataset, self._selection(dataset, "val")[:2])
+        fn = self._feature_fn(trainer, pl_module, None)  # a layer or callable: no reduce
+        seen = f"{len(x)} validation examples before training"
+        with kernel_mode(pl_module):
+            try:
+                raw = fn(_to(x, pl_module.device, _floating_dtype(pl_module)))
+            except Exception as err:
+                if hasattr(err, "add_note"):  # Python >= 3.11
+                    err.add_note(
+                        f"LinearProbeCallback: raised while running `features` ({self._name()}) "
+                        f"on {seen}. Layer features run {_forward_name(pl_module)}(x) on data "
+                        "examples; a module whose `forward` does not read them defines "
+                        "`probe_forward(x)`."
+                    )
+                raise
+        f, problem = self._checked(pl_module, raw, len(x), seen)
+        if problem is not None:
+            raise problem
+        assert f is not None
+        message = _non_finite({"": f.double()})
+        if message:
+            raise ValueError(
+                f"`features` ({self._name()}) must give finite values; on {seen}: {message}. "
+                f"Cure: {_FINITE_CURE}"
+            )
+
+    def _checked(
+        self, pl_module: pl.LightningModule, raw: Any, rows: int, seen: str
+    ) -> tuple[Tensor | None, TypeError | ValueError | None]:
+        """The ``(rows, d)`` features of one batch's raw output (the hook's outputs for a
+        layer), or what is wrong with it, as the error to raise (on every rank)."""
+        name = self._name()
+        layer = isinstance(self.features, str) and self.features != "nfk"
+        if layer:
+            fwd = _forward_name(pl_module)
+            if len(raw) != 1:
+                cure = (
+                    f"pick a layer that {fwd} runs; if `forward` does not read data examples, "
+                    f"define `probe_forward(x)` on {type(pl_module).__name__} to run the part "
+                    "that does."
+                    if not raw
+                    else "pass a callable `features=f(pl_module, x) -> (B, d)` that returns the "
+                    "activations you mean."
+                )
+                return None, ValueError(
+                    f"`features` ({name}) must name a layer that {fwd} runs once; it ran "
+                    f"{len(raw)} times on {seen}. Cure: {cure}"
+                )
+            raw = raw[0]
+        if not isinstance(raw, Tensor):
+            got = type(raw).__name__
+            if isinstance(raw, (tuple, list, dict)):
+                got += f" of {len(raw)} items"
+            cure = (
+                "pass a callable `features=f(pl_module, x) -> (B, d)` that picks the tensor."
+                if layer
+                else "return a Tensor (B, d) (e.g. `torch.stack` or `torch.cat` the parts)."
+            )
+            return None, TypeError(
+                f"`features` ({name}) must output a Tensor, got {got}. Cure: {cure}"
+            )
+        if not raw.is_floating_point():
+            return None, TypeError(
+                f"`features` ({name}) must give floating-point values, got {raw.dtype} (shape "
+                f"{tuple(raw.shape)}). Cure: "
+                + (
+                    "pick a layer with floating-point output, or pass a callable."
+                    if layer
+                    else "return floating-point features (e.g. `.float()`)."
+                )
+            )
+        if raw.ndim < 2 or raw.shape[0] != rows or raw[0].numel() == 0:
+            if raw.ndim < 2:
+                cure = "keep a feature dimension (one feature per example: `f[:, None]`)."
+            elif raw.shape[0] != rows:
+                cure = "keep the batch dimension: do not reduce, index or reshape across examples."
+            else:
+                cure = "give at least one feature per example."
+            return None, ValueError(
+                f"`features` ({name}) must give (B, d) or (B, ...) features, one row per "
+                f"example; got shape {tuple(raw.shape)} for {rows} examples. Cure: {cure}"
+            )
+        return raw.detach().flatten(1), None
+
     def _extract(
-        self, pl_module: pl.LightningModule, x: Tensor, fn: Callable[[Tensor], Tensor]
-    ) -> Tensor:
+        self, pl_module: pl.LightningModule, x: Tensor, fn: Callable[[Tensor], Any], epoch: int
+    ) -> tuple[Tensor, TypeError | ValueError | None]:
+        """This rank's float64 features of ``x``, or what is wrong with them (an error that
+        :func:`_gather_features` raises on every rank)."""
         # Forward-only features (a layer, a callable) see inputs in the module's dtype
         # (bfloat16 under `bf16-true`); the NFK casts to its own float32/64 working dtype.
         dtype = None if self.features == "nfk" else _floating_dtype(pl_module)
-        parts = [
-            fn(_to(xb, pl_module.device, dtype)).detach().flatten(1).double()
-            for xb in x.split(self.batch_size)
-        ]
-        if not parts:
-            return torch.zeros(0, 0, dtype=torch.float64, device=pl_module.device)
-        return torch.cat(parts)
+        empty = torch.zeros(0, 0, dtype=torch.float64, device=pl_module.device)
+        parts: list[Tensor] = []
+        for xb in x.split(self.batch_size):
+            seen = f"a batch of {len(xb)} examples at epoch {epoch}"
+            f, problem = self._checked(
+                pl_module, fn(_to(xb, pl_module.device, dtype)), len(xb), seen
+            )
+            if problem is None and parts and f.shape[1] != parts[0].shape[1]:
+                problem = ValueError(
+                    f"`features` ({self._name()}) must give the same number of features for "
+                    f"every example; got {parts[0].shape[1]} and then {f.shape[1]} at epoch "
+                    f"{epoch}. Cure: make the feature width independent of the batch."
+                )
+            if problem is not None:
+                return empty, problem
+            parts.append(f.double())
+        return (torch.cat(parts) if parts else empty), None
 
-    def _feature_fn(self, trainer, pl_module, reduce) -> Callable[[Tensor], Tensor]:
+    def _feature_fn(self, trainer, pl_module, reduce) -> Callable[[Tensor], Any]:
+        """The raw features of a batch: the NFK's embeddings, the callable's output, or the
+        list of the layer's outputs during one forward (checked by :meth:`_checked`);
+        ``reduce`` serves the NFK only."""
         if self.features == "nfk":
             nfk = self._nfk(trainer, pl_module, reduce)
             return nfk.transform
         if callable(self.features):
             fn = self.features
 
-            def user_features(xb: Tensor) -> Tensor:
+            def user_features(xb: Tensor) -> Any:
                 with torch.no_grad():  # kernel_mode turns gradients on for the NFK only
                     return fn(pl_module, xb)
 
             return user_features
         layer = dict(pl_module.named_modules())[self.features]
+        forward = _probe_forward(pl_module)
 
-        def activations(xb: Tensor) -> Tensor:
-            out: list[Tensor] = []
+        def activations(xb: Tensor) -> list[Any]:
+            out: list[Any] = []
             handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
             try:
                 with torch.no_grad():
-                    pl_module(xb)
+                    forward(xb)
             finally:
                 handle.remove()
-            return out[0]
+            return out
 
         return activations
 
     def _run_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reduce = strategy_sum(trainer)
+        device = pl_module.device
         with torch.random.fork_rng(devices=rng_devices(pl_module)), torch.no_grad():
             x_tr, y_tr, _, _ = self._split(trainer, "labeled")
             x_va, y_va, _, _ = self._split(trainer, "val")
             fn = self._feature_fn(trainer, pl_module, reduce)
             with kernel_mode(pl_module):
-                f_tr = self._extract(pl_module, x_tr, fn)
-                f_va = self._extract(pl_module, x_va, fn)
-            # every rank's rows, in selection order; labels travel as float64
-            f_tr, f_va = (_gather_features(f.to(pl_module.device), reduce) for f in (f_tr, f_va))
-            y_tr = gather_rows(y_tr.double().to(pl_module.device), reduce).long()
-            y_va = gather_rows(y_va.double().to(pl_module.device), reduce).long()
+                f_tr, problem_tr = self._extract(pl_module, x_tr, fn, trainer.current_epoch)
+                f_va, problem_va = self._extract(pl_module, x_va, fn, trainer.current_epoch)
+            # every rank's rows, in selection order (every rank raises together if any
+            # rank's features failed their checks); labels travel as float64
+            f_tr = _gather_features(self._name(), f_tr.to(device), problem_tr, reduce, device)
+            f_va = _gather_features(self._name(), f_va.to(device), problem_va, reduce, device)
+            y_tr = gather_rows(y_tr.double().to(device), reduce).long()
+            y_va = gather_rows(y_va.double().to(device), reduce).long()
+            _check_gathered(
+                self._name(),
+                trainer.current_epoch,
+                {"labelled training": (f_tr, y_tr), "validation": (f_va, y_va)},
+            )
             num_classes = int(max(y_tr.max(), y_va.max()).item()) + 1
             probe = select_and_fit(
                 f_tr.cpu(),
@@ -312,13 +498,111 @@ def _to(x: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:
     return x.to(device=device, dtype=dtype)
 
 
-def _gather_features(f: Tensor, reduce: Reduce) -> Tensor:
-    """Every rank's feature rows; a rank with no rows (fewer rows than processes) learns the
-    feature width from the others."""
-    has_rows = float(f.shape[0] > 0)
-    width = reduce(
-        torch.tensor([f.shape[1] * has_rows, has_rows], dtype=torch.float64, device=f.device)
+_FINITE_CURE = (
+    "pick a layer or callable whose output is finite on these examples, and check the model: "
+    "NaN or inf weights or activations mean the training has diverged (lower the learning "
+    "rate; check the loss and the input normalisation)."
+)
+
+
+def _probe_forward(pl_module: pl.LightningModule) -> Callable[[Tensor], Any]:
+    """What layer features run on data examples: ``pl_module.probe_forward`` when the module
+    defines it (its ``forward`` does not read data examples, e.g. a GAN's generator), else
+    the module itself."""
+    probe_forward = getattr(pl_module, "probe_forward", None)
+    return probe_forward if callable(probe_forward) else pl_module
+
+
+def _forward_name(pl_module: pl.LightningModule) -> str:
+    method = "probe_forward" if callable(getattr(pl_module, "probe_forward", None)) else "forward"
+    return f"{type(pl_module).__name__}.{method}"
+
+
+def _non_finite(splits: dict[str, Tensor]) -> str:
+    """What is non-finite in each (rows, d) split, as ``"<split> split: r of R rows and c of
+    C columns (n NaN, m inf)"`` joined by ``"; "``; empty when all is finite."""
+    parts = []
+    for split, f in splits.items():
+        bad = ~torch.isfinite(f)
+        if not bool(bad.any()):
+            continue
+        nan = int(torch.isnan(f).sum())
+        seen = (
+            f"{int(bad.any(1).sum())} of {f.shape[0]} rows and {int(bad.any(0).sum())} of "
+            f"{f.shape[1]} columns ({nan} NaN, {int(bad.sum()) - nan} inf)"
+        )
+        parts.append(f"{split} split: {seen}" if split else seen)
+    return "; ".join(parts)
+
+
+def _check_gathered(name: str, epoch: int, splits: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Refuse gathered features (``features`` shown as ``name``) the probe cannot fit: not
+    (rows, d), not one row per label, different widths in the splits, non-finite values.
+    Every rank holds the same gathered features, so every rank raises the same error."""
+    for split, (f, y) in splits.items():
+        if f.ndim != 2:
+            raise ValueError(
+                f"`features` ({name}) must give (B, d) features; the gathered {split} features "
+                f"at epoch {epoch} have shape {tuple(f.shape)}. Cure: return one row of "
+                "features per example."
+            )
+        if f.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"`features` ({name}) must give one row per example; the gathered {split} "
+                f"features at epoch {epoch} have {f.shape[0]} rows for {y.shape[0]} examples. "
+                "Cure: return one row of features per example."
+            )
+    widths = {split: f.shape[1] for split, (f, _) in splits.items()}
+    if len(set(widths.values())) > 1:
+        raise ValueError(
+            f"`features` ({name}) must give the same width in both splits; got "
+            f"{' and '.join(str(w) for w in widths.values())} features per example "
+            f"({', '.join(widths)}) at epoch {epoch}. Cure: make the feature width "
+            "independent of the input (e.g. inputs of one size)."
+        )
+    message = _non_finite({split: f for split, (f, _) in splits.items()})
+    if message:
+        raise ValueError(
+            f"`features` ({name}) must give finite values; at epoch {epoch}: {message}. "
+            f"Cure: {_FINITE_CURE}"
+        )
+
+
+def _gather_features(
+    name: str,
+    f: Tensor,
+    problem: TypeError | ValueError | None,
+    reduce: Reduce,
+    device: torch.device | str,
+) -> Tensor:
+    """Every rank's feature rows, after one sum over the ranks of a table of each rank's
+    (rows?, width, problem): a rank with no rows (fewer rows than processes) learns the
+    feature width from the others; if any rank's features failed their checks, or the
+    ranks' widths differ, every rank raises (no rank is left waiting in the gather)."""
+    rank, world = rank_and_world_size()
+    has_rows = problem is None and f.shape[0] > 0
+    code = 0.0 if problem is None else (1.0 if isinstance(problem, TypeError) else 2.0)
+    table = torch.zeros(world, 3, dtype=torch.float64, device=device)
+    table[rank] = torch.tensor(
+        [float(has_rows), f.shape[1] if has_rows else 0.0, code], dtype=torch.float64
     )
+    rows = reduce(table).tolist()
+    if problem is not None:
+        raise problem
+    failed = next(((r, c) for r, (_, _, c) in enumerate(rows) if c), None)
+    if failed is not None:  # another rank's check failed: that rank raised its own error
+        error = TypeError if failed[1] == 1.0 else ValueError
+        raise error(
+            f"`features` ({name}) failed its output check on process {failed[0]} "
+            f"({error.__name__}): see that process's error for the value seen and the cure."
+        )
+    widths = [round(w) for held, w, _ in rows if held]
+    if len(set(widths)) > 1:
+        raise ValueError(
+            f"`features` ({name}) must give the same number of features per example on every "
+            f"process; the processes' widths differ: {widths}. Cure: make the feature width "
+            "independent of the batch."
+        )
     if not has_rows:
-        f = f.new_zeros(0, round((width[0] / width[1]).item()))
+        f = f.new_zeros(0, widths[0])
     return gather_rows(f, reduce)

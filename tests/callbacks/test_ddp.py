@@ -1,8 +1,9 @@
 """Both callbacks under Lightning's DDP (2 CPU processes, gloo, in-process ``ddp_spawn``)
 log what one process logs, with uneven shards, the probe's own NFK fit (epoch 0) and the
-spectrum callback's (epoch 1), and a rank without validation rows (``max_val`` = 1 < 2
-processes). The command-line runs users make are in
-tests/cli/test_multiprocess.py."""
+spectrum callback's (epoch 1), and uneven validation shards (``max_val`` = 3). A rank
+without rows (fewer rows than processes; the probe refuses fewer than two classes, so it
+takes three processes) is tested on the gather itself in tests/callbacks/test_probe_inputs.py.
+The command-line runs users make are in tests/cli/test_multiprocess.py."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def _run(tmp_path, devices: int) -> dict[str, float]:
     callbacks = [
         # odd: uneven shards; every 2nd epoch: at epoch 0 the probe makes its own NFK fit
         NFKSpectrumCallback(k=4, oversample=6, n_iter=3, probe_size=101, every_n_epochs=2),
-        # max_val = 1: rank 0 has no validation row, rank 1 has the only one
-        LinearProbeCallback(max_train=203, max_val=1, k=4, oversample=6, n_iter=3, nfk_fit_size=64),
+        # max_val = 3: validation shards of 2 and 1 rows
+        LinearProbeCallback(max_train=203, max_val=3, k=4, oversample=6, n_iter=3, nfk_fit_size=64),
     ]
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
