@@ -7,6 +7,7 @@ total). Prints a Markdown table (BENCHMARKS.md, "Memory: counted and measured").
 
     python benchmarks/bench_memory.py            # all cases, a few minutes on 2 CPU cores
     python benchmarks/bench_memory.py --quick    # smaller N
+    python benchmarks/bench_memory.py --cases LeNet   # the dense cases only
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = (
-    "exact LeNet-5",
+    "exact LeNet-5 (N=2000)",
+    "exact LeNet-5 (N=4096)",
+    "dense LeNet-5 (N=4096)",
     "blocked CIFAR-10 VAE (S=8)",
     "blocked CIFAR-10 VAE (S=8), rows-only chunks",
 )
@@ -35,25 +38,32 @@ def one(case: str, quick: bool) -> dict[str, float]:
     import torch
 
     from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK, NFKConfig, VAEEnergy, exact_nfk
-    from lightning_nfk.kernel.fisher_vectors import _dense_bytes
-    from lightning_nfk.kernel.memory import activation_bytes, bytes_per_row, sketch_bytes
+    from lightning_nfk.kernel.memory import (
+        activation_bytes,
+        bytes_per_row,
+        dense_block_rows,
+        dense_peak_bytes,
+        sketch_bytes,
+    )
     from lightning_nfk.kernel.per_example import ScoreJacobian
     from lightning_nfk.models import ConvVAE, LeNet5
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    if case == "exact LeNet-5":
-        n = 1024 if quick else 4096
+    if case.startswith("exact LeNet-5") or case.startswith("dense LeNet-5"):
+        n = int(case.split("N=")[1].rstrip(")")) // (4 if quick else 1)
         energy = ClassifierEnergy(LeNet5())
         x = torch.randn(n, 1, 28, 28)
         jac = ScoreJacobian(energy)
         p = jac.num_parameters
-        act = activation_bytes(jac, x[:2], ())
-        row = bytes_per_row(p, 4, act)
-        rows = min(1024, n)
-        counted = _dense_bytes(n, p, 4, rows * row, 1)
+        row = bytes_per_row(p, 4, activation_bytes(jac, x[:2], ()))
+        rows = dense_block_rows(n, p, 4, row, 2**40, 1)
+        counted = dense_peak_bytes(n, p, 4, rows * row, 1)
         before = _rss()
-        exact_nfk(energy, x, memory_budget=2**40)
+        if case.startswith("exact"):
+            exact_nfk(energy, x, memory_budget=2**40)
+        else:
+            LowRankNFK(energy, k=8, strategy="dense", memory_budget=2**40).fit(x)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"N": n, "counted": counted, "measured": peak - before, "rows": rows, "budget": 0}
     n = 256 if quick else 1024
@@ -81,6 +91,7 @@ def one(case: str, quick: bool) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
@@ -90,7 +101,7 @@ def main() -> None:
         "| case | N | rows per block | budget MiB | counted MiB | measured MiB | measured / counted |"
     )
     print("|---|---|---|---|---|---|---|")
-    for case in CASES:
+    for case in (c for c in CASES if args.cases in c):
         cmd = [sys.executable, __file__, "--one", case] + (["--quick"] if args.quick else [])
         out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,9 @@
 """The exact NFK (the paper's Algorithm 1): explicit Fisher vectors, Gram matrix, eigendecomposition.
 
 For verification and small problems: :math:`V` (N x P) is formed, so memory grows as N P,
-and :func:`exact_nfk` refuses problems beyond its ``memory_budget``.
+and :func:`exact_nfk` refuses problems beyond its ``memory_budget``, counting its peak
+(:func:`~lightning_nfk.kernel.memory.dense_peak_bytes`): V with a gradient block, then V
+with the Gram matrix of the smaller side and its eigendecomposition.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.fisher_vectors import kernel_mode, prepare_fisher_vectors, working_energy
-from lightning_nfk.kernel.linalg import gather_rows, gram_eigh, other_singular_vectors
+from lightning_nfk.kernel.linalg import (
+    frobenius_squared,
+    gather_rows,
+    gram_eigh,
+    other_singular_vectors,
+)
 
 
 class ExactNFK:
@@ -79,7 +86,7 @@ class ExactNFK:
     @property
     def total_variance(self) -> Tensor:
         """:math:`\\|V\\|_F^2 = \\operatorname{tr} K` (float64)."""
-        return torch.linalg.vector_norm(self.fisher_vectors.flatten(), dtype=torch.float64).square()
+        return frobenius_squared(self.fisher_vectors)
 
     def embed(self, fisher_vectors: Tensor, k: int) -> Tensor:
         """:math:`e(x) = V_x P_{:, :k}` for explicit Fisher vectors of other inputs."""
@@ -101,9 +108,9 @@ def exact_nfk(
     ``torch.distributed`` every process gets the full result).
 
     Raises:
-        ValueError: when V, its Gram matrix and a gradient block need more than
-            ``memory_budget`` bytes (default: half of what the device has available),
-            before anything is allocated.
+        ValueError: when the peak (V with a gradient block, then V with the Gram matrix's
+            eigendecomposition) needs more than ``memory_budget`` bytes (default: half of
+            what the device has available), before anything is allocated.
     """
     # k = 1, oversample = 0: the checks ask for at least one example and one parameter
     config = NFKConfig(

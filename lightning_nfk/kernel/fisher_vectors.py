@@ -39,8 +39,11 @@ from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.memory import (
+    DENSE_BLOCK_ROWS,
     activation_bytes,
     bytes_per_row,
+    dense_block_rows,
+    dense_peak_bytes,
     device_budget,
     sketch_bytes,
 )
@@ -162,12 +165,14 @@ class FisherVectors:
         self.rank, self.world_size = rank_and_world_size()  # to share out model samples
         self.dtype, self.device = jacobian.dtype, jacobian.device
         self.num_parameters = p = jacobian.num_parameters
-        cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
         budget = memory_budget or config.memory_budget or device_budget(self.device)
         columns = config.columns if self.matrix_free else 0
         self.bytes_per_row = bytes_per_row(p, self.dtype.itemsize, activations, columns)
-        # the randomized fit's P x l operands come out of the same budget
-        fixed = 0 if strategy == "dense" else sketch_bytes(p, config.columns, self.dtype.itemsize)
+        if strategy == "dense":  # V comes out of the budget: `memory_budget` is what it leaves
+            cap, fixed = DENSE_BLOCK_ROWS, 0
+        else:  # the randomized fit's P x l operands come out of the same budget
+            cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
+            fixed = sketch_bytes(p, config.columns, self.dtype.itemsize)
         blocks = max(0, budget - fixed)
         self.max_rows = config.chunk_size or max(1, min(blocks // self.bytes_per_row, cap))
         self.statistics = Statistics(None, None)
@@ -400,6 +405,9 @@ class FisherVectors:
         v = torch.empty(
             count_examples(data), self.num_parameters, dtype=self.dtype, device=self.device
         )
+        # checked a block at a time: `isfinite` of all of V would hold (itemsize + 3) N P
+        # bytes more (a copy and three boolean masks)
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         start = 0
         for x, extras in self.chunks(data, progress):
             rows = v[start : start + x.shape[0]]
@@ -408,11 +416,12 @@ class FisherVectors:
                 rows.sub_(self.mean_score)
             if self.scale is not None:
                 rows.mul_(self.scale)
+            counts += _row_counts(rows)
             start += x.shape[0]
         if start != v.shape[0]:
             raise ValueError(f"`data` gave {start} examples; it had {v.shape[0]} when counted.")
-        tail = self.reduce(_row_counts(v))
-        raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
+        counts = self.reduce(counts)
+        raise_if_nonfinite(counts[0].item(), counts[1].item(), "fitting examples")
         return v
 
 
@@ -541,6 +550,9 @@ def prepare_fisher_vectors(
         jac, config, "blocked", reduce, memory_budget=budget, activations=activations
     )
     strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, block, world)
+    if strategy == "dense":  # the gradient blocks get what V leaves
+        rows = dense_block_rows(n, p, jac.dtype.itemsize, block.bytes_per_row, budget, world)
+        budget = rows * block.bytes_per_row
     op = FisherVectors(jac, config, strategy, reduce, memory_budget=budget, activations=activations)
     stats = op.fit_statistics(data, progress)
     if stats.sum_of_squares == 0:
@@ -549,14 +561,6 @@ def prepare_fisher_vectors(
             "zero. Does the energy depend on the kernel module's parameters?"
         )
     return op, n
-
-
-def _dense_bytes(n: int, p: int, itemsize: int, block_bytes: int, world: int) -> int:
-    """Peak bytes of the dense path: V (and, under DDP, the gathered V beside this rank's
-    rows), the smaller Gram matrix with its float64 copy and eigendecomposition, one
-    gradient block."""
-    v = n * p * itemsize * (1 if world == 1 else 2)
-    return v + min(n, p) ** 2 * (itemsize + 3 * 8) + block_bytes
 
 
 def _resolve_strategy(
@@ -568,17 +572,18 @@ def _resolve_strategy(
     block: FisherVectors,
     world: int,
 ) -> str:
-    block_bytes = min(block.max_rows, n) * block.bytes_per_row
-    need = _dense_bytes(n, p, itemsize, block_bytes, world)
+    rows = dense_block_rows(n, p, itemsize, block.bytes_per_row, budget, world)
+    need = dense_peak_bytes(n, p, itemsize, rows * block.bytes_per_row, world)
     fits = need <= budget
     if config.strategy == "dense" and not fits:
         whose = "`memory_budget`" if config.memory_budget else "the memory budget"
         if not config.memory_budget:
             whose += " (half of the device's available memory; set `memory_budget` to choose)"
         raise ValueError(
-            f"strategy='dense' needs V ({n} x {p}), its Gram matrix and a gradient block in "
-            f"memory: {need / 2**20:.0f} MiB, more than {whose}: {budget / 2**20:.0f} MiB. "
-            "Raise `memory_budget`, fit fewer examples, or (LowRankNFK) use "
+            f"The dense fit (exact_nfk, strategy='dense') needs V ({n} x {p}) with a gradient "
+            f"block, then V with its Gram matrix's eigendecomposition, in memory: "
+            f"{need / 2**20:.0f} MiB at its peak, more than {whose}: {budget / 2**20:.0f} MiB. "
+            "Raise `memory_budget`, fit fewer examples, or use LowRankNFK with "
             "strategy='blocked' or 'auto'."
         )
     if config.strategy != "auto":

@@ -22,6 +22,16 @@ def gram_eigh(v: Tensor) -> tuple[Tensor, Tensor]:
     return evals.flip(0).clamp_min(0.0).sqrt(), vecs.flip(1)
 
 
+def frobenius_squared(v: Tensor) -> Tensor:
+    """:math:`\\|V\\|_F^2` (float64, 0-d, on ``v``'s device), summed over blocks of rows:
+    ``vector_norm(v, dtype=float64)`` of all of a float32 ``v`` would copy it."""
+    rows = max(1, 2**20 // max(1, v.shape[-1]))
+    total = torch.zeros((), dtype=torch.float64, device=v.device)
+    for block in v.split(rows):
+        total += torch.linalg.vector_norm(block, dtype=torch.float64).square()
+    return total
+
+
 def other_singular_vectors(v: Tensor, sigma: Tensor, vecs: Tensor) -> Tensor:
     """From one side's singular vectors ``vecs`` (from :func:`gram_eigh`), the other side's:
     :math:`V^\\top U / \\sigma` or :math:`V W / \\sigma`, in ``v.dtype``. Columns whose

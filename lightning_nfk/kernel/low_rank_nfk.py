@@ -30,7 +30,7 @@ from lightning_nfk.kernel.fisher_vectors import (
     prepare_fisher_vectors,
     working_energy,
 )
-from lightning_nfk.kernel.linalg import exact_decomposition, gather_rows
+from lightning_nfk.kernel.linalg import exact_decomposition, frobenius_squared, gather_rows
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import subspace_iteration
 
@@ -219,7 +219,7 @@ class LowRankNFK:
         local = op.materialize(data, progress)
         v = gather_rows(local, self.reduce)
         sigma, right, _ = exact_decomposition(v, self.config.k)
-        total = torch.linalg.vector_norm(v.flatten(), dtype=torch.float64).square().item()
+        total = frobenius_squared(v).item()
         residuals = torch.zeros(self.config.k, dtype=torch.float64, device="cpu")
         return sigma.to(op.dtype), right, residuals, total, True, local @ right
 

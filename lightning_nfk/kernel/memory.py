@@ -14,6 +14,11 @@ they can outweigh the rows, and for a VAE they grow with its noise samples (S de
 passes per example). :func:`activation_bytes` measures them, as the bytes the autograd
 graph saves per example (``torch.autograd.graph.saved_tensors_hooks``), on two small
 batches, so that parameters saved by every batch cancel out.
+
+A dense fit (``exact_nfk``, ``strategy="dense"``) holds V (N x P) for its whole run, so
+its gradient blocks get what V leaves of the budget (at most :data:`DENSE_BLOCK_ROWS`
+examples); at its peak it holds V and either a gradient block or the Gram matrix's
+eigendecomposition (:func:`dense_peak_bytes`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,20 @@ ACTIVATION_COPIES = 2
 SKETCH_COPIES = 5
 """P x l operands a randomized fit holds at once: the current Z, the previous product (or
 Householder QR's output and workspace), the scaled Z, the accumulator, one spare."""
+DENSE_BLOCK_ROWS = 256
+"""Most examples in a gradient block of a dense fit: larger blocks are no faster
+(per-example gradients of LeNet-5 or an MLP run as fast in blocks of 64-256 as of 1024)
+and, beside V, would dominate the peak for small N."""
+EIGH_COPIES = 5
+"""m x m float64 matrices ``torch.linalg.eigh`` holds besides its input (m = min(N, P)):
+the eigenvectors, ``syevd``'s workspace (measured 2.1-2.2 m^2 with MKL) and two spares
+for other LAPACK builds (with one, the measured peaks of ``exact_nfk`` on LeNet-5 at
+N = 2000 and 4096 came within 2-7% of the count)."""
+HEAP_RETAINED = 64 * 2**20
+"""Freed gradient-block memory the allocator may keep while the Gram matrix is formed
+(glibc's malloc serves blocks under its mmap threshold, raised up to 32 MiB as larger
+blocks are freed, from its heap and trims only beyond twice that; measured 70 MiB after
+blocks of 36 MiB). At most this much, and at most one block."""
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -115,3 +134,33 @@ def sketch_bytes(num_parameters: int, columns: int, itemsize: int) -> int:
     """Bytes of the randomized fit's :data:`SKETCH_COPIES` P x l operands, which the
     gradient blocks share the budget with."""
     return SKETCH_COPIES * num_parameters * columns * itemsize
+
+
+def dense_held_bytes(n: int, num_parameters: int, itemsize: int, world: int) -> int:
+    """Bytes a dense fit holds throughout: V (under ``torch.distributed``, this process's
+    rows beside the gathered V) and a few float64 vectors of N and of P entries."""
+    v = n * num_parameters * itemsize * (1 if world == 1 else 2)
+    return v + 16 * (n + num_parameters) * 8
+
+
+def dense_block_rows(
+    n: int, num_parameters: int, itemsize: int, row_bytes: int, budget: int, world: int
+) -> int:
+    """Examples per gradient block of a dense fit: what V leaves of ``budget``, in rows of
+    ``row_bytes`` (:func:`bytes_per_row`), at most :data:`DENSE_BLOCK_ROWS` and N."""
+    left = budget - dense_held_bytes(n, num_parameters, itemsize, world)
+    return max(1, min(n, DENSE_BLOCK_ROWS, left // row_bytes))
+
+
+def dense_peak_bytes(
+    n: int, num_parameters: int, itemsize: int, block_bytes: int, world: int
+) -> int:
+    """Peak bytes of a dense fit: what it holds throughout (:func:`dense_held_bytes`) and
+    the larger of a gradient block (``block_bytes``) and the Gram matrix (m = min(N, P);
+    with its float64 copy when the working dtype is float32) with ``eigh``'s
+    :data:`EIGH_COPIES`, beside what the allocator kept of the blocks
+    (:data:`HEAP_RETAINED`). The block and the Gram matrix are never held at once."""
+    m = min(n, num_parameters)
+    gram = m * m * (itemsize + (8 if itemsize != 8 else 0) + 8 * EIGH_COPIES)
+    kept = min(block_bytes, HEAP_RETAINED)
+    return dense_held_bytes(n, num_parameters, itemsize, world) + max(block_bytes, gram + kept)

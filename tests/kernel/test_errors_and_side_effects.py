@@ -183,7 +183,7 @@ def test_energy_argument_type():
             torch.randn(50, 4),
             {"k": 2, "strategy": "dense", "memory_budget": 1000},
             ValueError,
-            r"strategy='dense' needs V \(50 x 15\).*more than `memory_budget`",
+            r"strategy='dense'\) needs V \(50 x 15\).*more than `memory_budget`",
         ),
         (5, {}, TypeError, r"`data` must be a tensor of inputs or an iterable"),
         (
