@@ -71,12 +71,6 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not is_skipped(p.name))
 
 
-def has_image_folders(root: str | Path, splits: tuple[str, ...] = ("train", "test")) -> bool:
-    """Whether ``root/<split>/`` holds at least one class folder for every split (hidden
-    and OS-junk folders do not count)."""
-    return all((Path(root) / s).is_dir() and _class_folders(Path(root) / s) for s in splits)
-
-
 def find_image_folders(root: str | Path, splits: tuple[str, ...] = ("train", "test")) -> bool:
     """Whether ``root`` holds an image-folder tree, checking that it is complete.
 
