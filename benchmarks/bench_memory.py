@@ -1,6 +1,7 @@
 """What the memory budget counts against what a fit really holds (peak resident memory).
 
-Each case runs in a fresh process: its peak resident set size (``ru_maxrss``) less the
+Each case runs in a fresh process: its peak resident set size (``VmHWM``; not
+``ru_maxrss``, which keeps the parent's peak from the fork) less the
 resident size just before the fit is what the fit held. The budget's count for the same
 problem comes from the engine's own accounting (``bytes_per_row`` and the dense path's
 total). Prints a Markdown table (BENCHMARKS.md, "Memory: counted and measured").
@@ -27,6 +28,11 @@ CASES = (
     "blocked CIFAR-10 VAE (S=8)",
     "blocked CIFAR-10 VAE (S=8), rows-only chunks",
 )
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _rss() -> int:
@@ -64,7 +70,7 @@ def one(case: str, quick: bool) -> dict[str, float]:
             exact_nfk(energy, x, memory_budget=2**40)
         else:
             LowRankNFK(energy, k=8, strategy="dense", memory_budget=2**40).fit(x)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak()
         return {"N": n, "counted": counted, "measured": peak - before, "rows": rows, "budget": 0}
     n = 256 if quick else 1024
     vae = ConvVAE(channels=3, latent_dim=128, width=64, image_size=32)
@@ -81,7 +87,7 @@ def one(case: str, quick: bool) -> dict[str, float]:
     nfk = LowRankNFK(energy, config)
     before = _rss()
     nfk.fit(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak()
     rows = nfk._fitted_operator().max_rows
     counted = rows * bytes_per_row(p, 4, act) + sketch_bytes(p, config.columns, 4)
     return {"N": n, "counted": counted, "measured": peak - before, "rows": rows,

@@ -53,6 +53,15 @@ def reference_dataset(trainer: pl.Trainer, split: str) -> Any:
     return dataset
 
 
+def migrate_state_key(checkpoint: dict[str, Any], key: str, legacy_key: str) -> None:
+    """In a checkpoint being loaded, file a callback's state saved under ``legacy_key`` (an
+    earlier version's ``state_key``) under ``key``, unless a state under ``key`` exists.
+    Call from the callback's ``on_load_checkpoint``, which runs before the states load."""
+    states = checkpoint.get("callbacks") or {}
+    if key not in states and legacy_key in states:
+        states[key] = states[legacy_key]
+
+
 def check_strategy(trainer: pl.Trainer, who: str) -> None:
     """Refuse strategies that shard the parameters: the NFK needs every rank to hold theta."""
     if isinstance(trainer.strategy, _SHARDED_STRATEGIES):

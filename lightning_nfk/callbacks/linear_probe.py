@@ -8,7 +8,7 @@ features (NFK embeddings, a layer's activations, or any callable), also with few
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -36,6 +36,7 @@ from lightning_nfk.trainer_utils import (
     check_strategy,
     deferred_interrupts,
     local_shard,
+    migrate_state_key,
     reference_dataset,
     rng_devices,
     seeded_subset,
@@ -44,6 +45,7 @@ from lightning_nfk.trainer_utils import (
 )
 
 FeatureFn = Callable[[pl.LightningModule, Tensor], Tensor]
+NFKSource = Literal["own", "spectrum"]
 
 
 class LinearProbeCallback(Callback):
@@ -52,9 +54,15 @@ class LinearProbeCallback(Callback):
 
     Features (``features``):
 
-    * ``"nfk"``: NFK embeddings :math:`e(x) = V_x P`; from the :class:`NFKSpectrumCallback`
-      of the same trainer when it fitted this epoch, else from this callback's own
-      :class:`LowRankNFK` fit on ``nfk_fit_size`` training examples;
+    * ``"nfk"``: NFK embeddings :math:`e(x) = V_x P`, from this callback's own
+      :class:`LowRankNFK` fit (``k``, ``oversample``, ``n_iter``, ``seed``) on
+      ``nfk_fit_size`` labelled training examples (``nfk_source="own"``, the default), or,
+      with ``nfk_source="spectrum"``, from the fit the trainer's
+      :class:`NFKSpectrumCallback` made at the same epoch end (its settings and probe set;
+      the probe's own NFK settings are then unused). Sharing saves a fit per probe; it is
+      checked at ``setup``: exactly one spectrum callback, listed before this one, fitting
+      at every epoch this callback probes. ``probe/nfk_k`` and ``probe/shared_fit`` log
+      which fit was used;
     * the name of a submodule of the LightningModule (e.g. ``"net.classifier.4"``): its
       flattened output activations, in eval mode, read with a forward hook while the
       module runs ``pl_module.probe_forward(x)`` when it defines that method, else
@@ -85,7 +93,9 @@ class LinearProbeCallback(Callback):
     evaluation: the validation split (up to ``max_val``). Under DDP each rank extracts the
     features of its own shard; they are gathered, and every rank fits the same probe.
 
-    Logs ``probe/acc`` (validation accuracy), ``probe/train_acc`` and ``probe/l2``.
+    Logs ``probe/acc`` (validation accuracy), ``probe/train_acc`` and ``probe/l2``; with
+    ``features="nfk"`` also ``probe/nfk_k`` (components) and ``probe/shared_fit`` (1 when
+    the spectrum callback's fit was used).
 
     The callback never changes the training it observes: its forwards run in eval mode
     without gradients, and the global RNG (CPU and the module's CUDA devices), the
@@ -103,6 +113,8 @@ class LinearProbeCallback(Callback):
             variance, the usual protocol) or ``"global"`` (one scale for all, keeping NFK
             components weighted by their singular values); see
             :mod:`lightning_nfk.kernel.linear_probe`.
+        nfk_source: ``"own"`` (this callback's fit) or ``"spectrum"`` (the
+            :class:`NFKSpectrumCallback`'s fit of the same epoch); ``features="nfk"`` only.
     """
 
     def __init__(
@@ -119,9 +131,17 @@ class LinearProbeCallback(Callback):
         batch_size: int = 256,
         seed: int = 0,
         scaling: Scaling = "standardize",
+        nfk_source: NFKSource = "own",
     ) -> None:
         super().__init__()
         check_scaling(scaling)
+        if nfk_source not in ("own", "spectrum"):
+            raise ValueError(f"`nfk_source` must be 'own' or 'spectrum', got {nfk_source!r}.")
+        if nfk_source == "spectrum" and features != "nfk":
+            raise ValueError(
+                f"`nfk_source`='spectrum' shares an NFK fit: it needs `features`='nfk', got "
+                f"{features!r}. Cure: drop `nfk_source` or set `features`='nfk'."
+            )
         if not (callable(features) or isinstance(features, str)):
             raise TypeError(
                 f"`features` must be 'nfk', a submodule name or a callable, got {type(features).__name__}."
@@ -152,11 +172,37 @@ class LinearProbeCallback(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.scaling = scaling
+        self.nfk_source = nfk_source
+        self._spectrum: NFKSpectrumCallback | None = None  # the shared fit's owner
         self.history: list[dict[str, float]] = []
         self._cache: dict[str, tuple[Tensor, Tensor, int, int]] = {}
 
     @property
     def state_key(self) -> str:
+        name = (
+            self.features
+            if isinstance(self.features, str)
+            else getattr(self.features, "__name__", "callable")
+        )
+        # every setting that makes two probes' histories differ: two probes in one trainer
+        # keep their own states in a checkpoint
+        return self._generate_state_key(
+            features=name,
+            every_n_epochs=self.every_n_epochs,
+            max_train=self.max_train,
+            max_val=self.max_val,
+            k=self.config.k,
+            oversample=self.config.oversample,
+            n_iter=self.config.n_iter,
+            nfk_fit_size=self.nfk_fit_size,
+            seed=self.seed,
+            scaling=self.scaling,
+            nfk_source=self.nfk_source,
+        )
+
+    def _legacy_key(self) -> str:
+        """The state key before the settings were added to it (checkpoints of 0.1.0.dev0
+        written before this change), read by :meth:`on_load_checkpoint`."""
         name = (
             self.features
             if isinstance(self.features, str)
@@ -169,6 +215,8 @@ class LinearProbeCallback(Callback):
         if self.features == "nfk":
             nfk_energy_of(pl_module)
             check_strategy(trainer, type(self).__name__)
+            if self.nfk_source == "spectrum":
+                self._spectrum = self._shared_spectrum(trainer)
         elif isinstance(self.features, str):
             names = dict(pl_module.named_modules())
             if self.features not in names:
@@ -192,6 +240,40 @@ class LinearProbeCallback(Callback):
         if trainer.datamodule is None:  # loaders passed to fit() exist only now
             self._check_splits(trainer)
             self._check_features(trainer, pl_module)
+
+    def _shared_spectrum(self, trainer: pl.Trainer) -> NFKSpectrumCallback:
+        """The one spectrum callback whose fits this probe shares, after checking that it
+        fits at every epoch end this probe runs, before this probe."""
+        found = [
+            (i, cb) for i, cb in enumerate(trainer.callbacks) if isinstance(cb, NFKSpectrumCallback)
+        ]
+        if len(found) != 1:
+            raise ValueError(
+                f"`nfk_source`='spectrum' needs exactly one NFKSpectrumCallback in the "
+                f"trainer's callbacks, found {len(found)}. Cure: add one (or keep one), or use "
+                "`nfk_source`='own'."
+            )
+        (at, spectrum), mine = found[0], trainer.callbacks.index(self)
+        if at > mine:
+            raise ValueError(
+                "`nfk_source`='spectrum' reads the fit NFKSpectrumCallback makes at the same "
+                "epoch end, so it must run first: it is listed after LinearProbeCallback "
+                f"(positions {at} and {mine}). Cure: list NFKSpectrumCallback first."
+            )
+        if self.every_n_epochs % spectrum.every_n_epochs:
+            raise ValueError(
+                f"`nfk_source`='spectrum': LinearProbeCallback `every_n_epochs` "
+                f"({self.every_n_epochs}) must be a multiple of NFKSpectrumCallback's "
+                f"({spectrum.every_n_epochs}), so that every probe has that epoch's fit. "
+                "Cure: align the two, or use `nfk_source`='own'."
+            )
+        return spectrum
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        migrate_state_key(checkpoint, self.state_key, self._legacy_key())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -225,7 +307,8 @@ class LinearProbeCallback(Callback):
         order (datasets sorted by class, such as image folders, meet a second class early)
         up to the second class it meets."""
         indices = self._selection(dataset, which)
-        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
+        cpu = torch.Generator(device="cpu").manual_seed(0)
+        order = torch.randperm(len(indices), generator=cpu, device="cpu")
         first = None
         for i in indices[order].tolist():
             label = int(dataset[i][1])
@@ -264,14 +347,17 @@ class LinearProbeCallback(Callback):
     def _nfk(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, reduce: Reduce
     ) -> LowRankNFK:
-        for cb in trainer.callbacks:
-            if (
-                isinstance(cb, NFKSpectrumCallback)
-                and cb.nfk is not None
-                and cb.history
-                and cb.history[-1]["epoch"] == trainer.current_epoch
-            ):
-                return cb.nfk
+        if self.nfk_source == "spectrum":
+            spectrum = self._spectrum
+            assert spectrum is not None  # set at setup
+            if spectrum.nfk is None or not spectrum.history:
+                raise RuntimeError("NFKSpectrumCallback made no fit this epoch (see setup).")
+            if spectrum.history[-1]["epoch"] != trainer.current_epoch:
+                raise RuntimeError(
+                    f"NFKSpectrumCallback's last fit is of epoch {spectrum.history[-1]['epoch']}, "
+                    f"not {trainer.current_epoch} (see setup)."
+                )
+            return spectrum.nfk
         # nfk_fit_size seeded positions of the whole selection (the same set for any
         # number of processes); each rank fits those inside its shard
         x, _, lo, total = self._split(trainer, "labeled")
@@ -292,7 +378,7 @@ class LinearProbeCallback(Callback):
             return
         dataset = reference_dataset(trainer, "val")
         x, _ = stack_items(dataset, self._selection(dataset, "val")[:2])
-        fn = self._feature_fn(trainer, pl_module, None)  # a layer or callable: no reduce
+        fn = self._feature_fn(pl_module)
         seen = f"{len(x)} validation examples before training"
         with kernel_mode(pl_module):
             try:
@@ -401,13 +487,10 @@ class LinearProbeCallback(Callback):
             parts.append(f.double())
         return (torch.cat(parts) if parts else empty), None
 
-    def _feature_fn(self, trainer, pl_module, reduce) -> Callable[[Tensor], Any]:
-        """The raw features of a batch: the NFK's embeddings, the callable's output, or the
-        list of the layer's outputs during one forward (checked by :meth:`_checked`);
-        ``reduce`` serves the NFK only."""
-        if self.features == "nfk":
-            nfk = self._nfk(trainer, pl_module, reduce)
-            return nfk.transform
+    def _feature_fn(self, pl_module: pl.LightningModule) -> Callable[[Tensor], Any]:
+        """The raw features of a batch for layer or callable ``features``: the callable's
+        output, or the list of the layer's outputs during one forward (checked by
+        :meth:`_checked`)."""
         if callable(self.features):
             fn = self.features
 
@@ -437,7 +520,8 @@ class LinearProbeCallback(Callback):
         with torch.random.fork_rng(devices=rng_devices(pl_module)), torch.no_grad():
             x_tr, y_tr, _, _ = self._split(trainer, "labeled")
             x_va, y_va, _, _ = self._split(trainer, "val")
-            fn = self._feature_fn(trainer, pl_module, reduce)
+            nfk = self._nfk(trainer, pl_module, reduce) if self.features == "nfk" else None
+            fn = nfk.transform if nfk is not None else self._feature_fn(pl_module)
             with kernel_mode(pl_module):
                 f_tr, problem_tr = self._extract(pl_module, x_tr, fn, trainer.current_epoch)
                 f_va, problem_va = self._extract(pl_module, x_va, fn, trainer.current_epoch)
@@ -466,6 +550,9 @@ class LinearProbeCallback(Callback):
             "probe/train_acc": probe.accuracy(f_tr.cpu(), y_tr.cpu()),
             "probe/l2": probe.l2,
         }
+        if nfk is not None:  # which fit the embeddings came from
+            metrics["probe/nfk_k"] = float(nfk.config.k)
+            metrics["probe/shared_fit"] = float(self.nfk_source == "spectrum")
         for name, value in metrics.items():
             pl_module.log(
                 name, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
@@ -584,7 +671,7 @@ def _gather_features(
     code = 0.0 if problem is None else (1.0 if isinstance(problem, TypeError) else 2.0)
     table = torch.zeros(world, 3, dtype=torch.float64, device=device)
     table[rank] = torch.tensor(
-        [float(has_rows), f.shape[1] if has_rows else 0.0, code], dtype=torch.float64
+        [float(has_rows), f.shape[1] if has_rows else 0.0, code], dtype=torch.float64, device=device
     )
     rows = reduce(table).tolist()
     if problem is not None:

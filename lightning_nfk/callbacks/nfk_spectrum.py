@@ -37,6 +37,7 @@ from lightning_nfk.trainer_utils import (
     check_strategy,
     deferred_interrupts,
     local_shard,
+    migrate_state_key,
     progress_bar,
     reference_dataset,
     resolved_log_dir,
@@ -153,9 +154,31 @@ class NFKSpectrumCallback(Callback):
 
     @property
     def state_key(self) -> str:
+        # every setting that makes two instances' histories differ (strategy, memory budget
+        # and chunk size change the round-off only)
+        c = self.config
         return self._generate_state_key(
+            k=c.k,
+            oversample=c.oversample,
+            n_iter=c.n_iter,
+            damping=c.damping,
+            dtype=str(c.dtype),
+            seed=c.seed,
+            probe_size=self.probe_size,
+            probe_split=self.probe_split,
+            every_n_epochs=self.every_n_epochs,
+        )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # the state key before the settings were added to it (checkpoints of 0.1.0.dev0
+        # written before this change)
+        legacy = self._generate_state_key(
             k=self.config.k, probe_size=self.probe_size, probe_split=self.probe_split
         )
+        migrate_state_key(checkpoint, self.state_key, legacy)
 
     # -- Lightning hooks ------------------------------------------------------------------------
     @override

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
+from lightning_nfk.callbacks import LinearProbeCallback
 from lightning_nfk.kernel.linear_probe import fit_logistic_regression, select_and_fit
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import quick_trainer, tiny_classifier
@@ -56,16 +56,6 @@ def test_probe_accuracy_is_logged_and_beats_chance(tmp_path, features):
 
 def _flat_pixels(pl_module, x):
     return x.flatten(1)
-
-
-def test_uses_the_spectrum_callbacks_nfk_when_fresh(tmp_path):
-    spectrum = NFKSpectrumCallback(k=8, oversample=6, n_iter=3, probe_size=128, plot=False)
-    probe = LinearProbeCallback(max_train=200, max_val=64)
-    _fit(tmp_path, [spectrum, probe])
-    assert len(probe.history) == 1
-    trainer = pl.Trainer(logger=False)
-    trainer.callbacks.append(spectrum)  # history says epoch 0, trainer.current_epoch is 0
-    assert probe._nfk(trainer, None, None) is spectrum.nfk
 
 
 def test_label_budget_restricts_training_examples(tmp_path):

@@ -105,7 +105,10 @@ def _callbacks(which: str) -> list:
     return {
         "none": [],
         "spectrum": [NFKSpectrumCallback(**CB, every_n_epochs=1)],
-        "spectrum+probe": [NFKSpectrumCallback(**CB), LinearProbeCallback(**probe)],
+        "spectrum+probe": [
+            NFKSpectrumCallback(**CB),
+            LinearProbeCallback(**probe, nfk_source="spectrum"),
+        ],
         "probe-own-nfk": [LinearProbeCallback(**probe)],
         "probe-layer": [LinearProbeCallback(features="net.4", max_train=150, max_val=64)],
     }[which]

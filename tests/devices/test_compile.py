@@ -35,7 +35,7 @@ def _fit(tmp_path, compile_how: str):
     if compile_how == "LightningModule":
         model = torch.compile(model)
     spectrum = NFKSpectrumCallback(k=4, oversample=6, n_iter=3, probe_size=96)
-    probe = LinearProbeCallback(features="nfk", max_train=128, max_val=64)
+    probe = LinearProbeCallback(features="nfk", max_train=128, max_val=64, nfk_source="spectrum")
     trainer = quick_trainer(tmp_path / compile_how, [spectrum, probe], limit_train_batches=2)
     pl.seed_everything(0)
     trainer.fit(model, RandomImageDataModule(batch_size=32))
