@@ -38,6 +38,8 @@ def metrics(run_dir: Path, name: str) -> dict[str, float]:
     )
     out: dict[str, float] = {}
     for version in versions:
+        if not (version / "metrics.csv").is_file():  # a run that stopped before logging
+            continue
         with open(version / "metrics.csv") as f:
             for row in csv.DictReader(f):
                 out.update({k: float(v) for k, v in row.items() if v not in ("", None)})

@@ -12,13 +12,16 @@ recipe never mix their metrics, configs, plots or checkpoints.
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_nfk.runs import (
@@ -39,9 +42,39 @@ class NFKCLI(LightningCLI):
     """LightningCLI that gives every run its own logger folder (``version_N``, claimed
     atomically) and resolves ``--ckpt_path last`` to the newest run's ``last.ckpt``."""
 
+    _kept_metrics: Path | None = None
+
     def before_instantiate_classes(self) -> None:
         if self.subcommand is not None:
-            assign_run_folder(self.config[self.subcommand], self.subcommand)
+            self._kept_metrics = assign_run_folder(self.config[self.subcommand], self.subcommand)
+
+    def before_fit(self) -> None:
+        restore_metrics(self.trainer, self._kept_metrics)
+
+
+_KEPT_SUFFIX = ".before-resume"
+
+
+def restore_metrics(trainer: pl.Trainer, kept: Path | None) -> None:
+    """Put a resumed run's ``metrics.csv`` (set aside by :func:`assign_run_folder`) back
+    under its logger, which then appends to it: Lightning's CSV logger deletes a
+    ``metrics.csv`` it finds when it opens a folder."""
+    if kept is None:
+        return
+    original = kept.with_name(kept.name.removesuffix(_KEPT_SUFFIX))
+    for logger in trainer.loggers:
+        if (
+            isinstance(logger, CSVLogger)
+            and Path(logger.log_dir).resolve() == kept.parent.resolve()
+        ):
+            with warnings.catch_warnings():  # "... will be deleted": not any more
+                warnings.filterwarnings("ignore", message="Experiment logs directory")
+                writer = logger.experiment  # opened now, with no metrics.csv to delete
+            os.replace(kept, original)
+            with open(original, newline="") as f:
+                writer.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+            return
+    os.replace(kept, original)
 
 
 def _run_logger(trainer_config: Any) -> Any | None:
@@ -66,7 +99,7 @@ def _explicit_dirpath(trainer_config: Any) -> bool:
     )
 
 
-def assign_run_folder(config: Any, subcommand: str) -> None:
+def assign_run_folder(config: Any, subcommand: str) -> Path | None:
     """Choose the run's folder and checkpoint in the parsed ``config`` (in place):
 
     * a new ``version_N`` (the next free number, created here) unless the logger names its
@@ -79,13 +112,17 @@ def assign_run_folder(config: Any, subcommand: str) -> None:
     ``fit`` locks its folder (refused when a live process holds it). Only the launch's rank
     zero creates folders and locks; Lightning's ``ddp`` launcher's processes take its
     number from the environment, torchrun's use the checkpoint folder rank zero broadcasts.
+
+    Returns:
+        When ``fit`` continues a run whose folder holds a ``metrics.csv``: that file, moved
+        aside until the logger has opened the folder (:func:`restore_metrics`); else None.
     """
     args = _run_logger(config.trainer)
     ckpt = config.get("ckpt_path")
     if args is None or _explicit_dirpath(config.trainer):
         if ckpt == "last" and subcommand != "fit":
             _no_last(subcommand, "the trainer has no single versioned logger")
-        return
+        return None
     root = Path(args.save_dir or config.trainer.get("default_root_dir") or ".") / str(args.name)
     resume = None
     if ckpt == "last":
@@ -115,9 +152,17 @@ def assign_run_folder(config: Any, subcommand: str) -> None:
             args.version = claim_new_run(root)
             os.environ[_RUN_ENV] = f"{os.getpid()}:{args.version}"
         # else torchrun's ranks > 0: the checkpoint folder rank zero broadcasts is used
-    if subcommand == "fit" and rank0:
-        folder = f"version_{args.version}" if isinstance(args.version, int) else args.version
-        lock_run(root / folder)
+    if subcommand != "fit" or not rank0:
+        return None
+    folder = f"version_{args.version}" if isinstance(args.version, int) else args.version
+    lock_run(root / folder)
+    metrics = root / folder / "metrics.csv"
+    kept = metrics.with_name(metrics.name + _KEPT_SUFFIX)
+    if run is None:
+        return None
+    if metrics.is_file():
+        os.replace(metrics, kept)
+    return kept if kept.is_file() else None  # also one an interrupted resume left aside
 
 
 def _inherited_run() -> int | None:
@@ -159,4 +204,8 @@ def main() -> None:
         sys.exit(f"lightning-nfk: error: {e}")
 
 
-__all__ = ["NFKCLI", "assign_run_folder", "build_cli", "main"]
+__all__ = ["NFKCLI", "assign_run_folder", "build_cli", "main", "restore_metrics"]
+
+
+if __name__ == "__main__":
+    main()

@@ -6,8 +6,9 @@ quickstart``); each run of it gets the next ``version_<N>`` inside, claimed atom
 it writes: ``metrics.csv`` (or TensorBoard events), ``config.yaml``, the spectrum plots and
 ``checkpoints/`` (a ``ModelCheckpoint`` without ``dirpath`` writes there).
 
-While a run trains, its folder holds a lock file naming its process; a run that ended (or
-was killed) leaves a stale lock, which the next resume takes over.
+While a run trains, it holds a lock (``flock``) on ``.version_N.lock`` beside its folder,
+naming its process; the operating system releases it when the process ends, even when it
+is killed, and the next resume takes it.
 
 ``--ckpt_path last`` means "the newest ``checkpoints/last.ckpt`` among this recipe's runs":
 ``fit`` then continues that run in its own folder (refused while the run's process is still
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import re
 import socket
 from pathlib import Path
 
 RUN_PREFIX = "version_"
-LOCK_NAME = ".lightning-nfk.lock"
 _RUN = re.compile(rf"^{RUN_PREFIX}(\d+)$")
 
 
@@ -53,9 +54,17 @@ def claim_new_run(root: str | os.PathLike) -> int:
     while True:
         try:
             (root / f"{RUN_PREFIX}{n}").mkdir()
-            return n
         except FileExistsError:
             n += 1
+            continue
+        # a run that fails before writing anything (a refused argument) leaves no folder
+        atexit.register(_remove_if_empty, root / f"{RUN_PREFIX}{n}")
+        return n
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # refused unless empty
 
 
 def last_checkpoint(run: str | os.PathLike) -> Path | None:
@@ -68,9 +77,15 @@ def last_checkpoint(run: str | os.PathLike) -> Path | None:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest ``last.ckpt`` among the runs ``root/version_*`` (None without one)."""
-    found = [last_checkpoint(Path(root) / f"{RUN_PREFIX}{n}") for n in run_versions(root)]
-    return max((p for p in found if p is not None), key=lambda p: p.stat().st_mtime, default=None)
+    """The most recently written ``last*.ckpt`` among the runs ``root/version_*`` (None
+    without one)."""
+    found = [(last_checkpoint(Path(root) / f"{RUN_PREFIX}{n}"), n) for n in run_versions(root)]
+    # the newest by modification time; equal times (coarse file systems): the higher run
+    return max(
+        ((p, n) for p, n in found if p is not None),
+        key=lambda pn: (pn[0].stat().st_mtime_ns, pn[1]),
+        default=(None, 0),
+    )[0]
 
 
 def run_of(checkpoint: str | os.PathLike) -> tuple[Path, int] | None:
@@ -109,52 +124,95 @@ def resolve_checkpoint(path: str | os.PathLike, what: str) -> Path:
 
 
 # -- locks ------------------------------------------------------------------------------------
+def lock_path(run: str | os.PathLike) -> Path:
+    """The lock file of ``run`` (``root/version_N``): ``root/.version_N.lock``, beside the
+    folder, so that a new run's folder is empty when its logger opens it."""
+    run = Path(run)
+    return run.parent / f".{run.name}.lock"
+
+
+_HELD: dict[Path, int] = {}  # this process's locks: path -> open descriptor holding flock
+
+
 def lock_holder(run: str | os.PathLike) -> str | None:
-    """``"process P on HOST"`` when a live process other than this one holds ``run``'s lock
-    (None when unlocked or stale: the process ended, or was killed)."""
+    """``"process P on HOST"`` when a process other than this one holds ``run``'s lock
+    (None when unlocked, or the lock is stale: its process ended or was killed, and the
+    operating system released it). A lock written on another host counts as held (this
+    host cannot see that process); delete the lock file if that run is gone."""
+    path = lock_path(run)
+    if path in _HELD:
+        return None
     try:
-        pid_text, host = (Path(run) / LOCK_NAME).read_text().split()[:2]
-        pid = int(pid_text)
-    except (OSError, ValueError):
+        text = path.read_text().split()
+        pid, host = int(text[0]), text[1]
+    except (OSError, ValueError, IndexError):
         return None
-    if pid == os.getpid():
+    if host != socket.gethostname():
+        return f"process {pid} on {host} (lock file {str(path)!r})"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    if host != socket.gethostname():  # another machine: alive as far as we can tell
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return f"process {pid} on {host}"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        pass
-    return f"process {pid} on {host}"
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock too
+    return None
 
 
 def lock_run(run: str | os.PathLike) -> None:
-    """Mark ``run`` as trained by this process until it exits.
+    """Mark ``run`` as trained by this process until it exits: an exclusive ``flock`` on
+    its lock file, taken atomically (two processes cannot both get it) and released by the
+    operating system when the process ends, however it ends.
 
     Raises:
-        RunFolderError: another live process holds it.
+        RunFolderError: another process holds it.
     """
     run = Path(run)
-    holder = lock_holder(run)
+    path = lock_path(run)
+    if path in _HELD:
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    while True:
+        holder = lock_holder(run)  # another host's lock: flock may not reach across machines
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if holder is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(run) or "another process"
+        if holder is not None or _same_file(fd, path):
+            break
+        os.close(fd)  # locked a file its holder unlinked on exit: lock the new one
     if holder is not None:
+        os.close(fd)
         raise RunFolderError(
             f"The run {str(run)!r} is in use by {holder}: two processes must not train "
             "into one folder. Wait for it to end, or start a new run (without --ckpt_path)."
         )
-    run.mkdir(parents=True, exist_ok=True)
-    lock = run / LOCK_NAME
-    tmp = run / f"{LOCK_NAME}.{os.getpid()}"
-    tmp.write_text(f"{os.getpid()} {socket.gethostname()}\n")
-    os.replace(tmp, lock)
-    atexit.register(_unlock, lock, lock.read_text())
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _HELD[path] = fd
+    atexit.register(_unlock, path)
 
 
-def _unlock(lock: Path, mine: str) -> None:
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except OSError:
+        return False
+
+
+def _unlock(path: Path) -> None:
+    fd = _HELD.pop(path, None)
+    if fd is None:
+        return
     with contextlib.suppress(OSError):
-        if lock.read_text() == mine:
-            lock.unlink()
+        path.unlink()  # while still holding it: a waiting process then sees no lock
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def launch_rank() -> int:
@@ -175,6 +233,7 @@ __all__ = [
     "latest_checkpoint",
     "launch_rank",
     "lock_holder",
+    "lock_path",
     "lock_run",
     "resolve_checkpoint",
     "run_of",

@@ -463,7 +463,7 @@ class LinearProbeCallback(Callback):
 
     def _extract(
         self, pl_module: pl.LightningModule, x: Tensor, fn: Callable[[Tensor], Any], epoch: int
-    ) -> tuple[Tensor, TypeError | ValueError | None]:
+    ) -> tuple[Tensor, Exception | None]:
         """This rank's float64 features of ``x``, or what is wrong with them (an error that
         :func:`_gather_features` raises on every rank)."""
         # Forward-only features (a layer, a callable) see inputs in the module's dtype
@@ -473,9 +473,11 @@ class LinearProbeCallback(Callback):
         parts: list[Tensor] = []
         for xb in x.split(self.batch_size):
             seen = f"a batch of {len(xb)} examples at epoch {epoch}"
-            f, problem = self._checked(
-                pl_module, fn(_to(xb, pl_module.device, dtype)), len(xb), seen
-            )
+            try:  # an error of this rank's shard: raised on every rank (_gather_features)
+                raw = fn(_to(xb, pl_module.device, dtype))
+            except Exception as err:
+                return empty, err
+            f, problem = self._checked(pl_module, raw, len(xb), seen)
             if problem is None and parts and f.shape[1] != parts[0].shape[1]:
                 problem = ValueError(
                     f"`features` ({self._name()}) must give the same number of features for "
@@ -658,7 +660,7 @@ def _check_gathered(name: str, epoch: int, splits: dict[str, tuple[Tensor, Tenso
 def _gather_features(
     name: str,
     f: Tensor,
-    problem: TypeError | ValueError | None,
+    problem: Exception | None,
     reduce: Reduce,
     device: torch.device | str,
 ) -> Tensor:
@@ -668,7 +670,12 @@ def _gather_features(
     ranks' widths differ, every rank raises (no rank is left waiting in the gather)."""
     rank, world = rank_and_world_size()
     has_rows = problem is None and f.shape[0] > 0
-    code = 0.0 if problem is None else (1.0 if isinstance(problem, TypeError) else 2.0)
+    kinds = (TypeError, ValueError, Exception)  # what another rank raises, by code 1, 2, 3
+    code = (
+        0.0
+        if problem is None
+        else 1.0 + next(i for i, k in enumerate(kinds) if isinstance(problem, k))
+    )
     table = torch.zeros(world, 3, dtype=torch.float64, device=device)
     table[rank] = torch.tensor(
         [float(has_rows), f.shape[1] if has_rows else 0.0, code], dtype=torch.float64, device=device
@@ -678,6 +685,11 @@ def _gather_features(
         raise problem
     failed = next(((r, c) for r, (_, _, c) in enumerate(rows) if c), None)
     if failed is not None:  # another rank's check failed: that rank raised its own error
+        if failed[1] == 3.0:  # the features raised on that rank's shard
+            raise RuntimeError(
+                f"`features` ({name}) raised an error on process {failed[0]}'s examples: see "
+                "that process's error."
+            )
         error = TypeError if failed[1] == 1.0 else ValueError
         raise error(
             f"`features` ({name}) failed its output check on process {failed[0]} "

@@ -551,7 +551,9 @@ def prepare_fisher_vectors(
     )
     strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, block, world)
     if strategy == "dense":  # the gradient blocks get what V leaves
-        rows = dense_block_rows(n, p, jac.dtype.itemsize, block.bytes_per_row, budget, world)
+        rows = config.chunk_size or dense_block_rows(
+            n, p, jac.dtype.itemsize, block.bytes_per_row, budget, world
+        )
         budget = rows * block.bytes_per_row
     op = FisherVectors(jac, config, strategy, reduce, memory_budget=budget, activations=activations)
     stats = op.fit_statistics(data, progress)
@@ -572,7 +574,7 @@ def _resolve_strategy(
     block: FisherVectors,
     world: int,
 ) -> str:
-    rows = dense_block_rows(n, p, itemsize, block.bytes_per_row, budget, world)
+    rows = config.chunk_size or dense_block_rows(n, p, itemsize, block.bytes_per_row, budget, world)
     need = dense_peak_bytes(n, p, itemsize, rows * block.bytes_per_row, world)
     fits = need <= budget
     if config.strategy == "dense" and not fits:

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -461,7 +462,11 @@ class NFKDistillationModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.teacher_file is not None:
+        # resuming a fit only: `test`, `validate` and `load_from_checkpoint` evaluate the
+        # student with the teacher it was trained against (the checkpoint's), even after the
+        # teacher recipe was run again and `teacher_checkpoint` names a newer teacher
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        if fitting and self.teacher_file is not None:
             self._check_same_teacher(checkpoint.get("state_dict", {}))
         self._restored_tables = checkpoint.get(_CHECKPOINT_KEY)
         if self._restored_tables is not None:

@@ -381,7 +381,9 @@ def fit_or_load(
         if trainer.global_rank == 0:
             try:
                 targets.save(cache)
-            except OSError as e:  # every rank must still reach the barrier
+            except Exception as e:
+                # a full disk is a RuntimeError in torch.save; every rank must still reach
+                # the barrier, and the fitted targets stand
                 rank_zero_warn(f"Could not write `nfk_cache` {cache!r}: {e}")
         trainer.strategy.barrier("nfk_cache")
     return "fit"

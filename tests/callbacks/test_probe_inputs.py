@@ -441,6 +441,14 @@ def _ranks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             _check_gathered("'head'", 0, {"validation": (gathered, torch.arange(6) % 2)})
         except ValueError as e:
             out["finite"] = str(e)
+        # the features raised on rank 1's shard (e.g. non-finite NFK rows): both raise
+        try:
+            _gather_features(
+                "'nfk'", torch.ones(0, 0), FloatingPointError("bad rows") if rank else None,
+                reduce, "cpu",
+            )  # fmt: skip
+        except (FloatingPointError, RuntimeError) as e:
+            out["raised"] = f"{type(e).__name__}: {e}"
         # a rank without rows learns the width from the other: both hold the same 3 rows
         out["empty"] = _gather_features(
             "'head'",
@@ -470,3 +478,7 @@ def test_ranks_refuse_together(tmp_path):
     assert "validation split: 1 of 6 rows and 1 of 2 columns (1 NaN, 0 inf)" in zero["finite"]
     for out in (zero, one):
         torch.testing.assert_close(out["empty"], torch.full((3, 2), 5.0))
+    assert one["raised"] == "FloatingPointError: bad rows"
+    assert zero["raised"].startswith(
+        "RuntimeError: `features` ('nfk') raised an error on process 1"
+    )
