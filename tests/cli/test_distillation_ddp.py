@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers.processes import run_cli
@@ -45,6 +46,7 @@ def _targets(tmp: Path, *extra: str) -> dict:
     return state
 
 
+@pytest.mark.slow  # two distillation runs through the CLI, about a minute on 2 cores
 def test_two_processes_fit_the_targets_one_process_fits(tmp_path):
     one = _targets(tmp_path / "one")
     two = _targets(tmp_path / "two", "--trainer.devices=2", "--trainer.strategy=ddp")
