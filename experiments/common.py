@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_nfk.callbacks.linear_probe import layer_outputs
 from lightning_nfk.data import CIFAR10DataModule, FashionMNISTDataModule
 from lightning_nfk.data.image_datamodule import ImageDataModule
 from lightning_nfk.kernel import LowRankNFK, select_and_fit
@@ -334,13 +335,8 @@ def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = 500) -> Tens
 
 def activations(module: nn.Module, layer: nn.Module, x: Tensor) -> Tensor:
     """Flattened outputs of ``layer`` while ``module`` runs on ``x`` (eval mode)."""
-    out: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda m, i, o: out.append(o.detach().flatten(1)))
-    try:
-        batched(module, x)
-    finally:
-        handle.remove()
-    return torch.cat(out)
+    out = layer_outputs(layer, lambda: batched(module, x))
+    return torch.cat([o.detach().flatten(1) for o in out])
 
 
 def nfk_features(
@@ -349,9 +345,8 @@ def nfk_features(
     """Fit ``LowRankNFK(energy, **options)`` on ``fit_x``; embeddings of ``fit_x`` ("fit") and
     of every tensor in ``others``."""
     t = time.time()
-    nfk = LowRankNFK(energy, **options).fit(fit_x)
-    emb = nfk.fit_embedding
-    feats = {"fit": emb if emb is not None else nfk.transform(fit_x)}
+    nfk = LowRankNFK(energy, **options)
+    feats = {"fit": nfk.fit_transform(fit_x)}
     for name, x in others.items():
         feats[name] = nfk.transform(x)
     run.log(

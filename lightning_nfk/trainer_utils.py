@@ -26,6 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from lightning_nfk.kernel import Reduce
+from lightning_nfk.kernel._data import first_tensor
 
 _SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
@@ -160,7 +161,7 @@ def stack_items(
     """The inputs ``x`` (stacked) of ``dataset[i]`` for ``i`` in ``indices``, and with
     ``labels`` their labels ``y`` as int64."""
     items = [dataset[int(i)] for i in (indices if len(indices) else [0])]  # [0]: the shape
-    x = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+    x = torch.stack([first_tensor(it) for it in items])
     x, items = x[: len(indices)], items[: len(indices)]  # a rank may have no rows
     y = (
         torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64, device="cpu")

@@ -155,10 +155,11 @@ class LinearProbeCallback(Callback):
         ):
             check_int(name, value, 1)
         self.config = NFKConfig(k=k, oversample=oversample, n_iter=n_iter, seed=seed)
-        if features == "nfk" and self.config.columns > nfk_fit_size:
-            raise ValueError(
-                f"`k` + `oversample` ({k} + {oversample}) must not exceed `nfk_fit_size` "
-                f"({nfk_fit_size}), the examples of this callback's own NFK fit."
+        if features == "nfk" and nfk_source == "own":
+            self.config.check_columns(
+                nfk_fit_size,
+                f"`nfk_fit_size` ({nfk_fit_size}), the examples of this callback's own NFK fit",
+                "raise `nfk_fit_size`, or lower `k` or `oversample`",
             )
         if not l2_grid or any(not (v >= 0) for v in l2_grid):
             raise ValueError(
@@ -289,11 +290,11 @@ class LinearProbeCallback(Callback):
         for split, name in (("labeled", "labelled training"), ("val", "validation")):
             self._check_classes(reference_dataset(trainer, split), split, name)
         n_fit = min(self.nfk_fit_size, self.max_train, len(reference_dataset(trainer, "labeled")))
-        if self.features == "nfk" and self.config.columns > n_fit:
-            raise ValueError(
-                f"`k` + `oversample` ({self.config.k} + {self.config.oversample}) must not exceed "
-                f"the examples of the probe's own NFK fit: min(`nfk_fit_size`, `max_train`, "
-                f"labelled training examples) = {n_fit}."
+        if self.features == "nfk" and self.nfk_source == "own":
+            self.config.check_columns(
+                n_fit,
+                "the examples of the probe's own NFK fit: min(`nfk_fit_size`, `max_train`, "
+                f"labelled training examples) = {n_fit}",
             )
 
     def _selection(self, dataset: Any, which: str) -> Tensor:
@@ -505,14 +506,8 @@ class LinearProbeCallback(Callback):
         forward = _probe_forward(pl_module)
 
         def activations(xb: Tensor) -> list[Any]:
-            out: list[Any] = []
-            handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
-            try:
-                with torch.no_grad():
-                    forward(xb)
-            finally:
-                handle.remove()
-            return out
+            with torch.no_grad():
+                return layer_outputs(layer, lambda: forward(xb))
 
         return activations
 
@@ -592,6 +587,18 @@ _FINITE_CURE = (
     "NaN or inf weights or activations mean the training has diverged (lower the learning "
     "rate; check the loss and the input normalisation)."
 )
+
+
+def layer_outputs(layer: torch.nn.Module, run: Callable[[], Any]) -> list[Any]:
+    """Every output of ``layer`` while ``run()`` executes, in call order (a forward hook,
+    removed afterwards); one item per call of the layer."""
+    out: list[Any] = []
+    handle = layer.register_forward_hook(lambda m, i, o: out.append(o))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return out
 
 
 def _probe_forward(pl_module: pl.LightningModule) -> Callable[[Tensor], Any]:

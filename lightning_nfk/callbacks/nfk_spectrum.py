@@ -138,10 +138,7 @@ class NFKSpectrumCallback(Callback):
         )
         check_int("probe_size", probe_size, 1)
         check_int("every_n_epochs", every_n_epochs, 1)
-        if self.config.columns > probe_size:
-            raise ValueError(
-                f"`k` + `oversample` ({k} + {oversample}) must not exceed `probe_size` ({probe_size})."
-            )
+        self.config.check_columns(probe_size, f"`probe_size` ({probe_size})", "raise `probe_size`")
         if probe_split not in ("train", "val"):
             raise ValueError(f"`probe_split` must be 'train' or 'val', got {probe_split!r}.")
         self.probe_size, self.probe_split = probe_size, probe_split
@@ -206,11 +203,9 @@ class NFKSpectrumCallback(Callback):
         where = f"{self.probe_split} dataset (NFKSpectrumCallback's probe set)"
         check_items(dataset, labels=False, where=where)
         size = min(self.probe_size, len(dataset))
-        if self.config.columns > size:
-            raise ValueError(
-                f"`k` + `oversample` ({self.config.k} + {self.config.oversample}) must not exceed "
-                f"the probe set: min(`probe_size`, len({self.probe_split} dataset)) = {size}."
-            )
+        self.config.check_columns(
+            size, f"the probe set: min(`probe_size`, len({self.probe_split} dataset)) = {size}"
+        )
 
     def _local_probe(self, trainer: pl.Trainer, device: torch.device) -> Tensor:
         if self._probe_x is None:
@@ -232,9 +227,8 @@ class NFKSpectrumCallback(Callback):
             start = time.perf_counter()
             nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
             with progress_bar(trainer, "NFK spectrum") as update:
-                nfk.fit(x, progress=update)
                 # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
-                emb = nfk.fit_embedding if nfk.fit_embedding is not None else nfk.transform(x)
+                emb = nfk.fit_transform(x, progress=update)
             phi, _ = torch.linalg.qr(
                 gather_rows(emb, reduce).double()
             )  # orthonormal basis of span(Phi)

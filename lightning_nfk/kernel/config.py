@@ -90,6 +90,25 @@ class NFKConfig:
         """``l = k + oversample``, the width of the random sketch."""
         return self.k + self.oversample
 
+    def check_columns(
+        self,
+        limit: int,
+        described: str,
+        cure: str = "lower `k` or `oversample`, or fit on more examples",
+    ) -> None:
+        """Refuse a sketch wider than ``limit``, the examples (or parameters) it is taken
+        from; ``described`` names that limit and its value in the message (e.g.
+        ``"`probe_size` (10)"``).
+
+        Raises:
+            ValueError: ``k + oversample > limit``.
+        """
+        if self.columns > limit:
+            raise ValueError(
+                f"`k` + `oversample` ({self.k} + {self.oversample} = {self.columns}) must not "
+                f"exceed {described}. Cure: {cure}."
+            )
+
     def as_dict(self) -> dict[str, object]:
         """Plain Python values (the dtype as its name), for checkpoints."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -521,12 +521,9 @@ def prepare_fisher_vectors(
     n, p, budget = int(shared[0]), jac.num_parameters, int(min(shared[1:]))
     if n == 0:
         raise ValueError("`data` is empty: the NFK needs at least one fitting example.")
-    if config.columns > min(n, p):
-        raise ValueError(
-            f"`k` + `oversample` ({config.k} + {config.oversample} = {config.columns}) must not "
-            f"exceed min(number of examples, number of parameters) = min({n}, {p}). Lower `k` "
-            "or `oversample`, or fit on more examples."
-        )
+    config.check_columns(
+        min(n, p), f"min(number of examples, number of parameters) = min({n}, {p})"
+    )
     # a dense problem that cannot fit even without activations: refused before any evaluation
     rows_only = FisherVectors(jac, config, "blocked", reduce, memory_budget=budget)
     _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, rows_only, world)

@@ -133,17 +133,78 @@ class LowRankNFK:
 
     @property
     def result(self) -> NFKFit:
-        """The fit's :class:`NFKFit`; its fields and properties are also attributes of this
+        """The fit's :class:`NFKFit`; its fields and properties are also properties of this
         object (``nfk.singular_values``, ``nfk.eigenvalues``, ..., and ``nfk.strategy_used``
         for its ``strategy``)."""
         if self._fit is None:
             raise RuntimeError("This LowRankNFK is not fitted yet: call `fit(data)` first.")
         return self._fit
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _RESULTS:
-            return getattr(self.result, _RESULTS[name])
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    # the fit's results, also readable as `result.<name>` (NFKFit)
+    @property
+    def singular_values(self) -> Tensor:
+        """(k,) singular values of V, descending."""
+        return self.result.singular_values
+
+    @property
+    def components(self) -> Tensor:
+        """(P, k) right singular vectors P (the kernel's principal directions)."""
+        return self.result.components
+
+    @property
+    def residuals(self) -> Tensor:
+        """(k,) relative residuals bounding each eigenvalue's error (zeros for ``dense``, NaN for ``n_iter = 0``)."""
+        return self.result.residuals
+
+    @property
+    def total_variance(self) -> Tensor:
+        """:math:`\\|V\\|_F^2 = \\operatorname{tr} K`."""
+        return self.result.total_variance
+
+    @property
+    def total_variance_is_exact(self) -> bool:
+        """Whether ``total_variance`` is exact (else a trace estimate)."""
+        return self.result.total_variance_is_exact
+
+    @property
+    def num_examples(self) -> int:
+        """N, the fitting examples over all processes."""
+        return self.result.num_examples
+
+    @property
+    def num_parameters(self) -> int:
+        """P, the parameters the kernel differentiates."""
+        return self.result.num_parameters
+
+    @property
+    def mean_score(self) -> Tensor | None:
+        """(P,) z, the mean score gradient (None for energies without one)."""
+        return self.result.mean_score
+
+    @property
+    def fisher_diagonal(self) -> Tensor | None:
+        """(P,) I, the diagonal Fisher (None for energies without one)."""
+        return self.result.fisher_diagonal
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """(k,) eigenvalues of the NFK operator, :math:`\\sigma^2 / N`."""
+        return self.result.eigenvalues
+
+    @property
+    def gram_eigenvalues(self) -> Tensor:
+        """(k,) eigenvalues of the Gram matrix :math:`V V^\\top`, :math:`\\sigma^2`."""
+        return self.result.gram_eigenvalues
+
+    @property
+    def explained_variance_ratio(self) -> Tensor:
+        """(k,) each component's share of ``total_variance``."""
+        return self.result.explained_variance_ratio
+
+    @property
+    def strategy_used(self) -> str:
+        """The strategy the fit ran (``"auto"`` resolved)."""
+        return self.result.strategy
 
     @property
     def fit_embedding(self) -> Tensor | None:
@@ -258,6 +319,19 @@ class LowRankNFK:
         return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact, embedding
 
     # -- embeddings ---------------------------------------------------------------------------
+    def fit_transform(self, data: Data, progress: Progress | None = None) -> Tensor:
+        """:meth:`fit` on ``data``, then the (n_local, k) embeddings of this process's
+        fitting examples: ``fit_embedding`` (free from the last pass) when the fit has it,
+        else :meth:`transform` of ``data`` (one more pass, e.g. for ``n_iter = 0``).
+
+        Raises:
+            RuntimeError: ``data`` is a loader with a random sampler (see
+                ``fit_embedding``): its order cannot be recovered.
+        """
+        self.fit(data, progress)
+        embedding = self.fit_embedding
+        return embedding if embedding is not None else self.transform(data)
+
     def transform(self, data: Data, *, check_finite: bool = True) -> Tensor:
         """Embeddings :math:`e(x) = V_x P` (Eq. 4-5) of any inputs; shape (n, k).
 
@@ -406,14 +480,6 @@ class NFKFit:
     def explained_variance_ratio(self) -> Tensor:
         """(k,) :math:`\\sigma_i^2 / \\|V\\|_F^2` per component (sklearn's convention)."""
         return self.gram_eigenvalues / self.total_variance
-
-
-_RESULTS = {f.name: f.name for f in dataclasses.fields(NFKFit)} | {
-    "strategy_used": "strategy",
-    "eigenvalues": "eigenvalues",
-    "gram_eigenvalues": "gram_eigenvalues",
-    "explained_variance_ratio": "explained_variance_ratio",
-}
 
 
 def _check_state(state: object, energy: Energy, path: object = "the state") -> None:

@@ -30,7 +30,8 @@ from torchmetrics.regression import CosineSimilarity, R2Score
 from typing_extensions import override
 
 from lightning_nfk._io import check_torch_file, describe_error
-from lightning_nfk.kernel import ClassifierEnergy, Energy, NFKConfig, check_int
+from lightning_nfk.kernel import ClassifierEnergy, Energy, NFKConfig, check_int, kernel_mode
+from lightning_nfk.kernel._data import first_tensor
 from lightning_nfk.models.teacher_targets import (
     TeacherTargets,
     check_cache_path,
@@ -277,15 +278,13 @@ class NFKDistillationModule(pl.LightningModule):
 
     def _check_classes(self, dataset: Any) -> None:
         item = dataset[0]
-        x = (item[0] if isinstance(item, (tuple, list)) else item)[None].to(self.device)
-        modes = [(m, m.training) for m in self.student.modules()]
+        x = first_tensor(item)[None].to(self.device)
         widths = {}
-        try:
-            self.student.eval()
+        # eval mode, the RNG and the train/eval flags restored: the check leaves no trace
+        with kernel_mode(self.student, self.teacher), torch.no_grad():
             for who, net in (("student", self.student), ("teacher", self.teacher)):
                 try:
-                    with torch.no_grad():
-                        widths[who] = net(x.to(_floating_dtype(net, x.dtype))).shape[-1]
+                    widths[who] = net(x.to(_floating_dtype(net, x.dtype))).shape[-1]
                 except Exception as e:  # a layer that cannot read these inputs
                     raise ValueError(
                         f"The {who} ({type(net).__name__}) cannot read the training data's "
@@ -293,9 +292,6 @@ class NFKDistillationModule(pl.LightningModule):
                         f"{who} for this data (e.g. its input channels) or use a data module "
                         f"that matches it."
                     ) from e
-        finally:
-            for m, training in modes:
-                m.training = training
         wrong = {who: w for who, w in widths.items() if w != self.num_classes}
         if wrong:
             raise ValueError(
@@ -307,12 +303,11 @@ class NFKDistillationModule(pl.LightningModule):
     def _check_fitting_set(self, dataset: Any) -> None:
         n = len(dataset)
         p = sum(q.numel() for q in self.teacher.parameters())
-        if self.nfk_config.columns > min(n, p):
-            raise ValueError(
-                f"`k` + `oversample` ({self.nfk_config.k} + {self.nfk_config.oversample}) must "
-                f"not exceed min(training examples, teacher parameters) = min({n}, {p}): lower "
-                "`k` or `oversample`, or train on more examples."
-            )
+        self.nfk_config.check_columns(
+            min(n, p),
+            f"min(training examples, teacher parameters) = min({n}, {p})",
+            "lower `k` or `oversample`, or train on more examples",
+        )
 
     @override
     def on_fit_start(self) -> None:

@@ -10,6 +10,7 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_nfk.kernel import Energy, GANEnergy
+from lightning_nfk.kernel._data import first_tensor
 from lightning_nfk.models._sampling import rank_normal
 
 
@@ -83,7 +84,7 @@ class GANModule(pl.LightningModule):
         )
 
     def training_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = first_tensor(batch)
         opt_g, opt_d = self.optimizers()
         world, rank = self.trainer.world_size, self.trainer.global_rank
         fake = self.generator(rank_normal((x.shape[0], self.latent_dim), rank, world, x))
@@ -142,7 +143,7 @@ class GANModule(pl.LightningModule):
 
     def _d_real(self, batch: tuple[Tensor, ...] | Tensor) -> Tensor:
         """The discriminator's mean probability that the batch's images are real."""
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = first_tensor(batch)
         return torch.sigmoid(self.discriminator(x)).mean()
 
     def configure_optimizers(self):

@@ -10,6 +10,7 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_nfk.kernel import Energy, VAEEnergy
+from lightning_nfk.kernel._data import first_tensor
 from lightning_nfk.kernel.distributed import rank_and_world_size
 from lightning_nfk.models._sampling import rank_normal
 
@@ -57,7 +58,7 @@ class VAEModule(pl.LightningModule):
         return self.vae(x)
 
     def _elbo(self, batch: tuple[Tensor, ...] | Tensor) -> Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = first_tensor(batch)
         # each rank its own rows of one global draw (the ranks' generators are in step)
         shape = (x.shape[0], 1, self.energy.latent_dim)
         eps = rank_normal(shape, *rank_and_world_size(), x)

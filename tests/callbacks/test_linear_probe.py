@@ -92,7 +92,7 @@ def test_bad_layer_name_is_refused(tmp_path):
         (
             {"k": 8, "oversample": 10, "nfk_fit_size": 16},
             ValueError,
-            r"`k` \+ `oversample` \(8 \+ 10\) must not exceed `nfk_fit_size` \(16\)",
+            r"`k` \+ `oversample` \(8 \+ 10 = 18\) must not exceed `nfk_fit_size` \(16\)",
         ),
         ({"l2_grid": ()}, ValueError, r"`l2_grid` must be a non-empty sequence of numbers >= 0"),
         ({"l2_grid": (-1.0,)}, ValueError, r"`l2_grid` must be a non-empty sequence"),

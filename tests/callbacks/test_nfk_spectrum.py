@@ -211,7 +211,7 @@ def test_module_without_protocol_is_refused(tmp_path):
         ({"k": 0}, r"`k` must be >= 1, got 0"),
         (
             {"probe_size": 10, "k": 8, "oversample": 10},
-            r"`k` \+ `oversample` \(8 \+ 10\) must not exceed `probe_size` \(10\)",
+            r"`k` \+ `oversample` \(8 \+ 10 = 18\) must not exceed `probe_size` \(10\)",
         ),
         ({"probe_split": "test"}, r"`probe_split` must be 'train' or 'val', got 'test'"),
         ({"strategy": "magic"}, r"`strategy` must be one of"),

@@ -67,7 +67,7 @@ def test_probe_set_smaller_than_the_sketch(tmp_path):
         cb,
         dm,
         ValueError,
-        r"`k` \+ `oversample` \(16 \+ 10\) must not exceed the probe set: "
+        r"`k` \+ `oversample` \(16 \+ 10 = 26\) must not exceed the probe set: "
         r"min\(`probe_size`, len\(train dataset\)\) = 24",
     )
 

@@ -286,3 +286,37 @@ def test_exact_nfk_singular_vectors(n):
     v_new = ref.fisher_vectors(reference_gradients(case, case.x_new))
     expected = v_new @ ref.right[:, :k]
     _close(ex.embed(v_new, k) * signs, expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("n_iter", [0, 2])
+def test_fit_transform_is_the_fit_embedding_or_transform(n_iter):
+    case = make_case("mlp")
+    x = case.x.double()
+    # blocked: the randomized fit (dense always has its embedding)
+    options = {
+        "k": 3,
+        "oversample": 4,
+        "n_iter": n_iter,
+        "dtype": torch.float64,
+        "strategy": "blocked",
+    }
+    nfk = LowRankNFK(case.energy, **options)
+    got = nfk.fit_transform(x)
+    assert got.shape == (x.shape[0], 3)
+    expected = nfk.transform(x)  # one more pass: the same embeddings up to round-off
+    _close(_match_signs(got, expected), expected, rtol=1e-8)
+    if n_iter:
+        assert got is nfk.fit_embedding  # free from the last pass
+    else:
+        assert nfk.fit_embedding is None
+
+
+def test_results_are_declared_properties():
+    # IDEs and type checkers read them from the class (no __getattr__ lookup)
+    for name in (
+        "singular_values", "components", "residuals", "eigenvalues", "gram_eigenvalues",
+        "explained_variance_ratio", "total_variance", "strategy_used", "num_examples",
+    ):  # fmt: skip
+        assert isinstance(getattr(LowRankNFK, name), property), name
+    with pytest.raises(RuntimeError, match="not fitted yet"):
+        _ = LowRankNFK(make_case("mlp").energy, k=2).singular_values

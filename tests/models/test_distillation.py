@@ -263,7 +263,7 @@ def test_refuses_a_teacher_with_other_classes():
 
 
 def test_refuses_k_beyond_the_fitting_set():
-    _refused(module("nfkd", k=200), data(), r"`k` \+ `oversample` \(200 \+ 4\).*min\(128")
+    _refused(module("nfkd", k=200), data(), r"`k` \+ `oversample` \(200 \+ 4 = 204\).*min\(128")
 
 
 def test_refuses_precomputed_targets_without_indices():
