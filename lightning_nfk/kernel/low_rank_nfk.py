@@ -34,7 +34,8 @@ from lightning_nfk.kernel.linalg import exact_decomposition, frobenius_squared, 
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.randomized_svd import subspace_iteration
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3  # 3: the snapshot keyed by the module's own parameter names
+_READABLE = (2, 3)
 
 
 class LowRankNFK:
@@ -205,6 +206,13 @@ class LowRankNFK:
     def strategy_used(self) -> str:
         """The strategy the fit ran (``"auto"`` resolved)."""
         return self.result.strategy
+
+    @property
+    def snapshot(self) -> dict[str, Tensor]:
+        """The kernel module's parameters and buffers as the fit saw them, by the module's
+        own names (those of its ``state_dict``): the network the components belong to."""
+        jac = self._fitted_operator().jacobian
+        return {**jac.theta, **jac.constants}
 
     @property
     def fit_embedding(self) -> Tensor | None:
@@ -385,6 +393,7 @@ class LowRankNFK:
                 or dtypes differ from the energy's module.
         """
         _check_state(state, self.energy)
+        state = _migrate(state)
         self.config = NFKConfig.from_dict(state["config"])
         jac = ScoreJacobian(working_energy(self.energy, self.config.dtype))
         _check_tensors("parameter", state["theta"], jac.theta)
@@ -482,9 +491,19 @@ class NFKFit:
         return self.gram_eigenvalues / self.total_variance
 
 
+def _migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """A state of an earlier format in the current one. Version 2 keyed the snapshot by
+    the names of an internal wrapper (``net.`` before the module's names)."""
+    if state["version"] == 2:
+        state = {**state, "version": _STATE_VERSION}
+        for part in ("theta", "constants"):
+            state[part] = {n.removeprefix("net."): t for n, t in state[part].items()}
+    return state
+
+
 def _check_state(state: object, energy: Energy, path: object = "the state") -> None:
     keys = {"version", "energy", "config", "theta", "constants", "result"}
-    if isinstance(state, dict) and state.get("version", _STATE_VERSION) != _STATE_VERSION:
+    if isinstance(state, dict) and state.get("version", _STATE_VERSION) not in _READABLE:
         raise ValueError(
             f"{path} has format version {state['version']}; this lightning-nfk reads version "
             f"{_STATE_VERSION}: fit again and save."

@@ -23,7 +23,9 @@ from lightning_nfk.kernel.energies.base import Energy
 
 class _ScoreModule(nn.Module):
     """``forward(x, *extras) = energy.score(net, x, *extras)``, so that functional_call
-    substitutes the parameters of every method the energy calls (``encode``, ``decode``)."""
+    substitutes the parameters of every method the energy calls (``encode``, ``decode``).
+    Its parameter names are the kernel module's under ``net.``: only :class:`ScoreJacobian`
+    sees them (it keys everything by the module's own names)."""
 
     def __init__(self, energy: Energy) -> None:
         super().__init__()
@@ -41,7 +43,10 @@ class ScoreJacobian:
         energy: the energy; its kernel module's trainable parameters are :math:`\\theta`.
 
     Attributes:
-        names: parameter names in the order of the flattened :math:`\\theta`.
+        names: parameter names (the kernel module's own, as in its ``state_dict``) in the
+            order of the flattened :math:`\\theta`.
+        theta, constants: the snapshot, by the module's names: the parameters that define
+            the kernel, and the other parameters and buffers.
         num_parameters: :math:`P = |\\theta|`.
         dtype, device: those of the parameters.
     """
@@ -51,10 +56,10 @@ class ScoreJacobian:
         self._module = _ScoreModule(energy)
         self.theta: dict[str, Tensor] = {}
         self.constants: dict[str, Tensor] = {}
-        for name, p in self._module.named_parameters():
-            in_theta = p.requires_grad and energy.defines_kernel(name.removeprefix("net."))
+        for name, p in energy.module.named_parameters():
+            in_theta = p.requires_grad and energy.defines_kernel(name)
             (self.theta if in_theta else self.constants)[name] = p.detach().clone()
-        for name, b in self._module.named_buffers():
+        for name, b in energy.module.named_buffers():
             self.constants[name] = b.detach().clone()
         self.names = list(self.theta)
         self.shapes = [self.theta[n].shape for n in self.names]
@@ -70,7 +75,8 @@ class ScoreJacobian:
 
     # -- helpers ---------------------------------------------------------------------------
     def _call(self, theta: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
-        return functional_call(self._module, {**theta, **self.constants}, (x, *extras))
+        tensors = {f"net.{n}": t for n, t in (*theta.items(), *self.constants.items())}
+        return functional_call(self._module, tensors, (x, *extras))
 
     def _split(self, flat: Tensor) -> dict[str, Tensor]:
         """(m, P) -> {name: (m, *shape)}."""

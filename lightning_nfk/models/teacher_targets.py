@@ -323,20 +323,20 @@ class TeacherTargets:
             return f"other NFK settings ({', '.join(differ)})"
         if state["fingerprint"] != fingerprint:
             return "another fitting set (its examples, labels or normalisation differ)"
+        with trainable(self.teacher):
+            nfk = LowRankNFK(ClassifierEnergy(self.teacher), self.config)
+            try:
+                nfk.load_state_dict(state["nfk"])
+            except ValueError:  # other parameter names, shapes or dtypes
+                return "another teacher (its architecture differs)"
+        saved = {n: t.cpu() for n, t in nfk.snapshot.items()}
         current = {n: t.detach().cpu() for n, t in self.teacher.state_dict().items()}
-        saved = {
-            n.removeprefix("net."): t
-            for n, t in {**state["nfk"]["theta"], **state["nfk"]["constants"]}.items()
-        }
         if set(saved) != set(current) or any(
             saved[n].shape != current[n].shape
             or not torch.equal(saved[n], current[n].to(saved[n].dtype))
             for n in current
         ):
             return "another teacher (its weights or BatchNorm statistics differ)"
-        with trainable(self.teacher):
-            nfk = LowRankNFK(ClassifierEnergy(self.teacher), self.config)
-            nfk.load_state_dict(state["nfk"])
         self.nfk = nfk
         self.load_tables(state)
         return None

@@ -249,7 +249,7 @@ def test_snapshot_fit_is_immune_to_later_training():
 def test_score_jacobian_names_follow_module_order():
     case = make_case("vae")
     jac = ScoreJacobian(case.energy)
-    assert jac.names == ["net." + n for n, _ in case.energy.module.named_parameters()]
+    assert jac.names == [n for n, _ in case.energy.module.named_parameters()]
     with kernel_mode(case.energy):
         assert not case.energy.module.training
 

@@ -54,3 +54,23 @@ def test_load_into_a_different_architecture_is_refused(tmp_path):
     nfk.save(tmp_path / "nfk.pt")
     with pytest.raises(ValueError, match=r"saved parameters do not match the energy's module"):
         LowRankNFK.load(tmp_path / "nfk.pt", ClassifierEnergy(nn.Linear(6, 3)))
+
+
+def test_the_snapshot_is_keyed_by_the_modules_names_and_older_states_load():
+    case = make_case("cnn")
+    nfk = LowRankNFK(case.energy, k=2, oversample=4).fit(case.x)
+    module_state = case.energy.module.state_dict()
+    assert set(nfk.snapshot) == set(module_state)
+    for name, t in module_state.items():
+        assert torch.equal(nfk.snapshot[name], t), name
+    # version 2 keyed the snapshot by an internal wrapper's names ("net." + the module's)
+    state = nfk.state_dict()
+    old = {**state, "version": 2}
+    for part in ("theta", "constants"):
+        old[part] = {f"net.{n}": t for n, t in state[part].items()}
+    other = LowRankNFK(case.energy, k=2, oversample=4)
+    other.load_state_dict(old)
+    assert set(other.snapshot) == set(module_state)
+    torch.testing.assert_close(
+        other.transform(case.x_new), nfk.transform(case.x_new), rtol=0, atol=0
+    )
