@@ -29,6 +29,7 @@ from lightning_nfk.kernel import (
     kernel_mode,
     select_and_fit,
 )
+from lightning_nfk.kernel._data import parameter_dtype
 from lightning_nfk.kernel.distributed import rank_and_world_size
 from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
@@ -383,7 +384,7 @@ class LinearProbeCallback(Callback):
         seen = f"{len(x)} validation examples before training"
         with kernel_mode(pl_module):
             try:
-                raw = fn(_to(x, pl_module.device, _floating_dtype(pl_module)))
+                raw = fn(_to(x, pl_module.device, parameter_dtype(pl_module)))
             except Exception as err:
                 if hasattr(err, "add_note"):  # Python >= 3.11
                     err.add_note(
@@ -469,7 +470,7 @@ class LinearProbeCallback(Callback):
         :func:`_gather_features` raises on every rank)."""
         # Forward-only features (a layer, a callable) see inputs in the module's dtype
         # (bfloat16 under `bf16-true`); the NFK casts to its own float32/64 working dtype.
-        dtype = None if self.features == "nfk" else _floating_dtype(pl_module)
+        dtype = None if self.features == "nfk" else parameter_dtype(pl_module)
         empty = torch.zeros(0, 0, dtype=torch.float64, device=pl_module.device)
         parts: list[Tensor] = []
         for xb in x.split(self.batch_size):
@@ -568,11 +569,6 @@ class LinearProbeCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-
-
-def _floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of the module's first floating-point parameter (None without one)."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def _to(x: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:

@@ -109,3 +109,10 @@ def check_same_examples(data: Data, reads: int = 4) -> None:
                 "examples and its fit makes several passes: fit on an un-augmented copy of the "
                 "data (e.g. a data module's `dataset(split)` or `augment=False`)."
             )
+
+
+def parameter_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (None without one): what
+    its floating inputs are cast to (a frozen float32 teacher beside a ``bf16-true``
+    student, a probed layer under ``bf16-true``)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)

@@ -505,8 +505,8 @@ def _check_state(state: object, energy: Energy, path: object = "the state") -> N
     keys = {"version", "energy", "config", "theta", "constants", "result"}
     if isinstance(state, dict) and state.get("version", _STATE_VERSION) not in _READABLE:
         raise ValueError(
-            f"{path} has format version {state['version']}; this lightning-nfk reads version "
-            f"{_STATE_VERSION}: fit again and save."
+            f"{path} has format version {state['version']}; this lightning-nfk reads versions "
+            f"{' and '.join(map(str, _READABLE))}: fit again and save."
         )
     if not isinstance(state, dict) or not keys <= set(state):
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__

@@ -2,6 +2,7 @@
 
 from lightning_nfk.models.classifier import ClassifierModule
 from lightning_nfk.models.distillation import NFKDistillationModule
+from lightning_nfk.models.distillation_terms import DistillationTerm, KDTerm, NFKDTerm
 from lightning_nfk.models.gan import GANModule
 from lightning_nfk.models.networks import (
     MLP,
@@ -20,8 +21,11 @@ __all__ = [
     "ConvVAE",
     "DCGANDiscriminator",
     "DCGANGenerator",
+    "DistillationTerm",
     "GANModule",
+    "KDTerm",
     "LeNet5",
+    "NFKDTerm",
     "NFKDistillationModule",
     "NFKModule",
     "VAEModule",

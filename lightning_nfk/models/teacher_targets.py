@@ -248,6 +248,13 @@ class TeacherTargets:
         with trainable(self.teacher):  # transform turns autocast and TF32 off itself
             return self.nfk.transform(x, check_finite=False)
 
+    def standardized(self, q: Tensor) -> Tensor:
+        """``q`` (B, k) with component i divided by its root mean square over the fitting
+        set, :math:`\\sigma_i / \\sqrt{N}`: every component weighs the same in a loss.
+        No host sync (the scale is on ``q``'s device after :meth:`to`)."""
+        assert self.rms is not None, "fit, load or load_tables first"
+        return q / self.rms.clamp_min(torch.finfo(q.dtype).tiny)
+
     # -- checkpoint and cache ------------------------------------------------------------------
     def tables(self) -> dict[str, Any]:
         """What a checkpoint keeps: the tables and scale (N x k floats, on the CPU), not the

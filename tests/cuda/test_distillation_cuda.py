@@ -124,7 +124,7 @@ def test_distillation_on_the_device(targets, device):
     train = dm.dataset("train")
     x, _ = stack_items(train, torch.arange(len(train)))
     with trainable(teacher):
-        reference = LowRankNFK(ClassifierEnergy(teacher), m.nfk_config).fit(x)
+        reference = LowRankNFK(ClassifierEnergy(teacher), m.term.config).fit(x)
         want = reference.transform(x)
     torch.testing.assert_close(
         tt.rms.cpu(),

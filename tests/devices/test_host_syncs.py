@@ -134,11 +134,10 @@ def _fitted(targets: str):
     return m, dm
 
 
-def _step_targets(m: NFKDistillationModule, batch: tuple, table) -> torch.Tensor:
+def _step_targets(m: NFKDistillationModule, batch: tuple) -> torch.Tensor:
     """What a training step computes from the targets: the scaled targets and the loss."""
     features = m.student.features(batch[0])
-    q = m._scaled_targets(batch, table)
-    return m._teacher_term(m.head(features), q)
+    return m.term.loss(batch, features, m.student.fc(features))[0]
 
 
 def test_precomputed_targets_live_on_the_device_and_are_looked_up_there():
@@ -156,7 +155,7 @@ def test_precomputed_targets_live_on_the_device_and_are_looked_up_there():
     index = torch.tensor([5, 0, 17, 3], device="cpu").to(META)
     batch = (torch.zeros(4, 1, 8, 8, device=META), torch.zeros(4, dtype=torch.long), index)
     with no_host_traffic():
-        loss = _step_targets(resumed, batch, tt.train)
+        loss = _step_targets(resumed, batch)
     assert loss.device == META and loss.shape == ()
     # validation after a restore, without fit: `on_validation_start` moves them
     validating = _module("precomputed")
@@ -171,12 +170,12 @@ def test_online_targets_have_no_host_sync():
     m.to(META)
     # the teacher's NFK read onto the device, as from an `nfk_cache` (map_location="cpu")
     with trainable(m.teacher):
-        nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.nfk_config)
+        nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.term.config)
         nfk.load_state_dict(state)
     m.teacher_targets.nfk = nfk
     m.teacher_targets.to(META)
     x = torch.zeros(4, 1, 8, 8, device=META)
     with no_host_traffic():
-        loss = _step_targets(m, (x, torch.zeros(4, dtype=torch.long, device=META)), None)
+        loss = _step_targets(m, (x, torch.zeros(4, dtype=torch.long, device=META)))
     assert loss.device == META and loss.shape == ()
     assert not any(p.requires_grad for p in m.teacher.parameters())  # restored after

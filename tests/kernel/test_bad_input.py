@@ -222,7 +222,7 @@ def test_load_refuses_another_format_version(saved):
     state = torch.load(path, weights_only=True)
     torch.save({**state, "version": 1}, path)
     with pytest.raises(
-        ValueError, match=r"has format version 1; this lightning-nfk reads version 2"
+        ValueError, match=r"has format version 1; this lightning-nfk reads versions 2 and 3"
     ):
         LowRankNFK.load(path, ClassifierEnergy(net))
 

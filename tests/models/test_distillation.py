@@ -148,7 +148,7 @@ def test_precomputed_targets_are_the_teachers_embeddings():
     # same algorithm with the rows chunked differently: n_iter = 2 leaves the Ritz vectors
     # sensitive to round-off, hence 1e4 eps (signs: components are defined up to sign)
     with trainable(m.teacher):
-        nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.nfk_config).fit(x)
+        nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.term.config).fit(x)
     reference = nfk.transform(x)
     assert _close(_align_signs(table, reference), reference, factor=1e4)
     # validation targets: the same NFK on the validation split
@@ -168,8 +168,8 @@ def test_online_targets_equal_precomputed_on_clean_images():
     idx = torch.arange(0, 128, 7)
     x, _ = stack_items(train, idx)
     batch = (x, torch.zeros(len(idx), dtype=torch.long), idx)
-    q_online = online._scaled_targets(batch[:2], None)  # no index: computed from x
-    q_pre = pre._scaled_targets(batch, pre.teacher_targets.train)  # looked up by index
+    q_online = online.term.batch_targets(batch[:2], "train")  # no index: computed from x
+    q_pre = pre.term.batch_targets(batch, "train")  # looked up by index
     assert _close(q_online, q_pre)
 
 

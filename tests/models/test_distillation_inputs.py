@@ -75,7 +75,7 @@ def test_own_cache_is_signed_and_replaced_when_stale(tmp_path):
     cache.unlink()
     cache.write_text("not mine")
     m3 = _with_teacher(other)
-    m3.nfk_cache = str(cache)
+    m3.term.cache = str(cache)
     with pytest.warns(UserWarning, match="Could not write `nfk_cache`"):
         trainer(limit_train_batches=1, limit_val_batches=1).fit(m3, data(augment=False))
     assert cache.read_text() == "not mine"
@@ -245,6 +245,6 @@ def test_teacher_checkpoint_may_name_a_recipes_run_folder(tmp_path):
 
 
 def test_tables_of_the_old_16_item_fingerprint_never_match():
-    targets = TeacherTargets(WideResNet(10, 2, in_channels=1), module().nfk_config)
+    targets = TeacherTargets(WideResNet(10, 2, in_channels=1), module().term.config)
     targets.fingerprint = torch.tensor([160.0, 1.0], dtype=torch.float64)  # a v1 checkpoint
     assert not targets.matches(data_fingerprint(data().dataset("train")))
