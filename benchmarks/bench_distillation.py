@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lightning_nfk.kernel import ClassifierEnergy, FisherVectors, LowRankNFK
+from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK
 from lightning_nfk.models import NFKDistillationModule, WideResNet
 from lightning_nfk.models.teacher_targets import trainable
 
@@ -93,18 +93,17 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
 
     # -- online targets alone: per-example gradients vs forward mode ---------------------------
-    op = nfk._fitted_operator()
+    op = nfk.operator
     components = nfk.components.to(op.dtype)
     with trainable(teacher):
         start = time.perf_counter()
-        blocked = op.matmat(batch_x, components)
+        blocked = op.local_matmat(batch_x, components)
         blocked_s = time.perf_counter() - start
         forward_s = float("nan")
         if not a.no_forward:
-            fwd = FisherVectors(op.jacobian, nfk.config, "matrix_free", op.reduce)
-            fwd.load_statistics(op.statistics.mean_score, op.statistics.fisher_diagonal)
+            fwd = op.with_strategy("matrix_free")
             start = time.perf_counter()
-            forward = fwd.matmat(batch_x, components)
+            forward = fwd.local_matmat(batch_x, components)
             forward_s = time.perf_counter() - start
             err = float((forward - blocked).abs().max() / blocked.abs().max())
 

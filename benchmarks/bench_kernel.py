@@ -44,14 +44,10 @@ from lightning_nfk.kernel import (
     ClassifierEnergy,
     GANEnergy,
     LowRankNFK,
-    NFKConfig,
-    all_reduce_sum,
+    OperatorOptions,
     exact_nfk,
-    kernel_mode,
     prepare_fisher_vectors,
-    working_energy,
 )
-from lightning_nfk.kernel.randomized_svd import orthonormalize
 from lightning_nfk.models import MLP, DCGANDiscriminator, DCGANGenerator, LeNet5, WideResNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,20 +121,15 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
 
 
 def operator(energy, strategy: str, data: torch.Tensor):
-    """A Fisher-vector operator with its statistics fitted, for timing single passes (the
-    sketch width is the Z passed to the pass, so k here only passes validation)."""
-    config = NFKConfig(k=1, oversample=0, strategy=strategy)
-    working = working_energy(energy, config.dtype)
-    with kernel_mode(working):
-        op, _ = prepare_fisher_vectors(working, data, config, all_reduce_sum)
-    return op, working
+    """A Fisher-vector operator with its statistics fitted, for timing single passes."""
+    op = prepare_fisher_vectors(energy, data, OperatorOptions(strategy=strategy))
+    return op, op.energy
 
 
 def one_pass_time(op, energy, data, l: int, repeats: int, device) -> float:
     g = torch.Generator().manual_seed(0)
-    z, _ = orthonormalize(torch.randn(op.num_parameters, l, generator=g).to(device))
-    with kernel_mode(energy):
-        return median_time(lambda: op.normal_matmat(data, z), repeats, device)
+    z, _ = torch.linalg.qr(torch.randn(op.num_parameters, l, generator=g).to(device))
+    return median_time(lambda: op.normal_matmat(data, z), repeats, device)
 
 
 def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device, batch: int = 128) -> None:

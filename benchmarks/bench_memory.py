@@ -88,7 +88,7 @@ def one(case: str, quick: bool) -> dict[str, float]:
     before = _rss()
     nfk.fit(x)
     peak = _peak()
-    rows = nfk._fitted_operator().max_rows
+    rows = nfk.operator.max_rows
     counted = rows * bytes_per_row(p, 4, act) + sketch_bytes(p, config.columns, 4)
     return {"N": n, "counted": counted, "measured": peak - before, "rows": rows,
             "budget": budget}  # fmt: skip

@@ -23,9 +23,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from lightning_nfk.kernel import NFKConfig, VAEEnergy
-from lightning_nfk.kernel.distributed import all_reduce_sum
-from lightning_nfk.kernel.fisher_vectors import kernel_mode, prepare_fisher_vectors
+from lightning_nfk.kernel import VAEEnergy, prepare_fisher_vectors
 from lightning_nfk.models import ConvVAE
 
 
@@ -77,20 +75,17 @@ def pass_times(examples: int, repeats: int, device: torch.device) -> dict[str, l
     for name, extras in ways.items():
         energy = VAEEnergy(vae)
         energy.extras = extras.__get__(energy)  # type: ignore[method-assign]
-        with kernel_mode(energy):
-            op, _ = prepare_fisher_vectors(energy, x, NFKConfig(k=1, oversample=0), all_reduce_sum)
-        ops[name] = (energy, op)
+        ops[name] = prepare_fisher_vectors(energy, x)
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats):
-        for name, (energy, op) in ops.items():
-            with kernel_mode(energy):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                op.normal_matmat(x, z.to(device, op.dtype))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(1e3 * (time.perf_counter() - start))
+        for name, op in ops.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            op.normal_matmat(x, z.to(device, op.dtype))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(1e3 * (time.perf_counter() - start))
     return times
 
 

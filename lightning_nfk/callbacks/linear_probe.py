@@ -23,13 +23,13 @@ from lightning_nfk.kernel import (
     NFKConfig,
     Reduce,
     Scaling,
-    check_int,
     check_scaling,
     gather_rows,
     kernel_mode,
     select_and_fit,
 )
 from lightning_nfk.kernel._data import parameter_dtype
+from lightning_nfk.kernel.config import check_int
 from lightning_nfk.kernel.distributed import rank_and_world_size
 from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (

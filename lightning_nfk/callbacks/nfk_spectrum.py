@@ -23,7 +23,6 @@ from lightning_nfk.kernel import (
     LowRankNFK,
     NFKConfig,
     Strategy,
-    check_int,
     components_for,
     cumulative_explained_variance,
     effective_rank,
@@ -31,6 +30,7 @@ from lightning_nfk.kernel import (
     stable_rank,
     subspace_drift,
 )
+from lightning_nfk.kernel.config import check_int
 from lightning_nfk.models.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,

@@ -4,7 +4,13 @@ Energies (what defines the kernel), the Fisher-vector operator, randomized SVD,
 :class:`LowRankNFK` and the exact reference :func:`exact_nfk`.
 """
 
-from lightning_nfk.kernel.config import DEFAULT_MEMORY_BUDGET, NFKConfig, Strategy, check_int
+from lightning_nfk.kernel.config import (
+    DEFAULT_MEMORY_BUDGET,
+    NFKConfig,
+    OperatorOptions,
+    SketchOptions,
+    Strategy,
+)
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies import (
     ClassifierEnergy,
@@ -14,13 +20,7 @@ from lightning_nfk.kernel.energies import (
     VAEEnergy,
 )
 from lightning_nfk.kernel.exact import ExactNFK, exact_nfk
-from lightning_nfk.kernel.fisher_vectors import (
-    FisherVectors,
-    NonFiniteGradientError,
-    kernel_mode,
-    prepare_fisher_vectors,
-    working_energy,
-)
+from lightning_nfk.kernel.fisher_vectors import FisherVectors, NonFiniteGradientError
 from lightning_nfk.kernel.linalg import gather_rows
 from lightning_nfk.kernel.linear_probe import (
     DEFAULT_L2_GRID,
@@ -40,6 +40,8 @@ from lightning_nfk.kernel.metrics import (
     subspace_drift,
 )
 from lightning_nfk.kernel.per_example import ScoreJacobian
+from lightning_nfk.kernel.precision import kernel_mode
+from lightning_nfk.kernel.preparation import prepare_fisher_vectors, working_energy
 from lightning_nfk.kernel.randomized_svd import RitzPairs, subspace_iteration
 
 __all__ = [
@@ -57,14 +59,15 @@ __all__ = [
     "NFKFit",
     "NTKEnergy",
     "NonFiniteGradientError",
+    "OperatorOptions",
     "Reduce",
     "RitzPairs",
     "Scaling",
     "ScoreJacobian",
+    "SketchOptions",
     "Strategy",
     "VAEEnergy",
     "all_reduce_sum",
-    "check_int",
     "check_scaling",
     "components_for",
     "cumulative_explained_variance",

@@ -1,4 +1,5 @@
-"""NFKConfig: the options of a low-rank NFK fit, validated once."""
+"""The options of an NFK fit, validated once: the sketch (:class:`SketchOptions`), the
+operator (:class:`OperatorOptions`), and :class:`NFKConfig`, which holds both."""
 
 from __future__ import annotations
 
@@ -16,74 +17,25 @@ COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
-class NFKConfig:
-    """How a :class:`~lightning_nfk.kernel.LowRankNFK` is fitted (docs/design.md, section 2).
-
-    Validated in ``__post_init__``: a wrong type raises ``TypeError``, a value out of range
-    ``ValueError``, each naming the argument, the constraint and the value.
+class SketchOptions:
+    """The random sketch of a randomized fit (docs/design.md, section 2).
 
     Args:
         k: number of components kept, >= 1.
         oversample: extra columns of the random sketch (``l = k + oversample``), >= 0;
             raise it first when the spectrum has a small gap.
         n_iter: power iterations, >= 0 (``n_iter + 1`` passes over the data).
-        damping: absolute damping of the diagonal Fisher, finite and >= 0.
-        strategy: ``"auto"``, ``"dense"``, ``"blocked"`` or ``"matrix_free"``.
-        dtype: compute dtype, ``torch.float32`` or ``torch.float64`` (a copy of the model in
-            that dtype); ``None`` follows the model (float32 for a float16/bfloat16 model:
-            half-precision Fisher vectors overflow and their QR is not accurate enough).
         seed: seed of the random test matrix (the same on every process).
-        memory_budget: bytes allowed for a gradient block (its rows and the activations its
-            backward pass keeps) or the dense :math:`V` and its Gram matrix, >= 1; ``None``
-            (the default): half of what the device has available at the fit (CUDA: free
-            memory plus PyTorch's unused cache; CPU: the host's available memory shared by
-            the processes of the run), the smallest over the processes.
-        chunk_size: examples per gradient block; ``None`` derives it from ``memory_budget``
-            (at most 1024, 128 for ``matrix_free``).
     """
 
     k: int = 16
     oversample: int = 10
     n_iter: int = 10
-    damping: float = 1e-8
-    strategy: Strategy = "auto"
-    dtype: torch.dtype | None = None
     seed: int = 0
-    memory_budget: int | None = None
-    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name, minimum in (
-            ("k", 1),
-            ("oversample", 0),
-            ("n_iter", 0),
-            ("seed", None),
-            ("memory_budget", 1),
-            ("chunk_size", 1),
-        ):
-            optional = name in ("memory_budget", "chunk_size")
-            check_int(name, getattr(self, name), minimum, optional=optional)
-        d = self.damping
-        if isinstance(d, bool) or not isinstance(d, (int, float)):
-            raise TypeError(f"`damping` must be a number, got {type(d).__name__} ({d!r}).")
-        if not (math.isfinite(d) and d >= 0):
-            raise ValueError(f"`damping` must be a finite number >= 0, got {d!r}.")
-        object.__setattr__(self, "damping", float(d))
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {self.strategy!r}.")
-        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
-            raise TypeError(f"`dtype` must be None or a torch.dtype, got {self.dtype!r}.")
-        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
-            half = self.dtype in (torch.float16, torch.bfloat16)
-            raise ValueError(
-                f"`dtype` must be None, torch.float32 or torch.float64, got {self.dtype}"
-                + (
-                    ": half-precision Fisher vectors overflow (a half-precision model is fitted "
-                    "in float32 with dtype=None)."
-                    if half
-                    else "."
-                )
-            )
+        for name, minimum in (("k", 1), ("oversample", 0), ("n_iter", 0), ("seed", None)):
+            check_int(name, getattr(self, name), minimum)
 
     @property
     def columns(self) -> int:
@@ -108,6 +60,117 @@ class NFKConfig:
                 f"`k` + `oversample` ({self.k} + {self.oversample} = {self.columns}) must not "
                 f"exceed {described}. Cure: {cure}."
             )
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """How the Fisher-vector operator is built and run (docs/design.md, sections 1 and 3).
+
+    Args:
+        damping: absolute damping of the diagonal Fisher, finite and >= 0.
+        strategy: ``"auto"``, ``"dense"``, ``"blocked"`` or ``"matrix_free"``.
+        dtype: compute dtype, ``torch.float32`` or ``torch.float64`` (a copy of the model in
+            that dtype); ``None`` follows the model (float32 for a float16/bfloat16 model:
+            half-precision Fisher vectors overflow and their QR is not accurate enough).
+        memory_budget: bytes allowed for a gradient block (its rows and the activations its
+            backward pass keeps) or the dense :math:`V` and its Gram matrix, >= 1; ``None``
+            (the default): half of what the device has available at the fit (CUDA: free
+            memory plus PyTorch's unused cache; CPU: the host's available memory shared by
+            the processes of the run), the smallest over the processes.
+        chunk_size: examples per gradient block; ``None`` derives it from ``memory_budget``
+            (at most 1024, 128 for ``matrix_free``).
+    """
+
+    damping: float = 1e-8
+    strategy: Strategy = "auto"
+    dtype: torch.dtype | None = None
+    memory_budget: int | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("memory_budget", "chunk_size"):
+            check_int(name, getattr(self, name), 1, optional=True)
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)):
+            raise TypeError(f"`damping` must be a number, got {type(d).__name__} ({d!r}).")
+        if not (math.isfinite(d) and d >= 0):
+            raise ValueError(f"`damping` must be a finite number >= 0, got {d!r}.")
+        object.__setattr__(self, "damping", float(d))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {self.strategy!r}.")
+        if self.dtype is not None and not isinstance(self.dtype, torch.dtype):
+            raise TypeError(f"`dtype` must be None or a torch.dtype, got {self.dtype!r}.")
+        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+            half = self.dtype in (torch.float16, torch.bfloat16)
+            raise ValueError(
+                f"`dtype` must be None, torch.float32 or torch.float64, got {self.dtype}"
+                + (
+                    ": half-precision Fisher vectors overflow (a half-precision model is fitted "
+                    "in float32 with dtype=None)."
+                    if half
+                    else "."
+                )
+            )
+
+
+@dataclass(frozen=True)
+class NFKConfig:
+    """How a :class:`~lightning_nfk.kernel.LowRankNFK` is fitted: the sketch options
+    (``k``, ``oversample``, ``n_iter``, ``seed``; :class:`SketchOptions`) and the operator
+    options (``damping``, ``strategy``, ``dtype``, ``memory_budget``, ``chunk_size``;
+    :class:`OperatorOptions`), in one flat, frozen object (the short form of both).
+    :attr:`sketch` and :attr:`operator` give the two parts; :meth:`compose` builds one
+    from them.
+
+    Validated at construction by the two parts: a wrong type raises ``TypeError``, a value
+    out of range ``ValueError``, each naming the argument, the constraint and the value.
+    The arguments are those of the two parts.
+    """
+
+    k: int = 16
+    oversample: int = 10
+    n_iter: int = 10
+    damping: float = 1e-8
+    strategy: Strategy = "auto"
+    dtype: torch.dtype | None = None
+    seed: int = 0
+    memory_budget: int | None = None
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sketch  # noqa: B018  (validates)
+        object.__setattr__(self, "damping", self.operator.damping)
+
+    @property
+    def sketch(self) -> SketchOptions:
+        """The sketch options."""
+        return SketchOptions(**{f.name: getattr(self, f.name) for f in fields(SketchOptions)})
+
+    @property
+    def operator(self) -> OperatorOptions:
+        """The operator options."""
+        return OperatorOptions(**{f.name: getattr(self, f.name) for f in fields(OperatorOptions)})
+
+    @classmethod
+    def compose(cls, sketch: SketchOptions, operator: OperatorOptions) -> NFKConfig:
+        """The config of these two parts."""
+        values = {f.name: getattr(sketch, f.name) for f in fields(SketchOptions)}
+        values.update({f.name: getattr(operator, f.name) for f in fields(OperatorOptions)})
+        return cls(**values)
+
+    @property
+    def columns(self) -> int:
+        """``l = k + oversample``, the width of the random sketch."""
+        return self.k + self.oversample
+
+    def check_columns(
+        self,
+        limit: int,
+        described: str,
+        cure: str = "lower `k` or `oversample`, or fit on more examples",
+    ) -> None:
+        """:meth:`SketchOptions.check_columns`."""
+        self.sketch.check_columns(limit, described, cure)
 
     def as_dict(self) -> dict[str, object]:
         """Plain Python values (the dtype as its name), for checkpoints."""

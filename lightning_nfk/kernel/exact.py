@@ -14,16 +14,17 @@ import torch
 from torch import Tensor
 
 from lightning_nfk.kernel._data import Data
-from lightning_nfk.kernel.config import NFKConfig
+from lightning_nfk.kernel.config import OperatorOptions
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
-from lightning_nfk.kernel.fisher_vectors import kernel_mode, prepare_fisher_vectors, working_energy
 from lightning_nfk.kernel.linalg import (
     frobenius_squared,
     gather_rows,
     gram_eigh,
     other_singular_vectors,
 )
+from lightning_nfk.kernel.precision import kernel_mode
+from lightning_nfk.kernel.preparation import prepare_fisher_vectors
 
 
 class ExactNFK:
@@ -112,18 +113,11 @@ def exact_nfk(
             eigendecomposition) needs more than ``memory_budget`` bytes (default: half of
             what the device has available), before anything is allocated.
     """
-    # k = 1, oversample = 0: the checks ask for at least one example and one parameter
-    config = NFKConfig(
-        k=1,
-        oversample=0,
-        damping=damping,
-        strategy="dense",
-        dtype=dtype,
-        memory_budget=memory_budget,
+    options = OperatorOptions(
+        damping=damping, strategy="dense", dtype=dtype, memory_budget=memory_budget
     )
-    working = working_energy(energy, config.dtype)
-    with kernel_mode(working):
-        op, _ = prepare_fisher_vectors(working, data, config, reduce)
-        v = gather_rows(op.materialize(data), reduce)
-    sigma, vecs = gram_eigh(v)
+    op = prepare_fisher_vectors(energy, data, options, reduce=reduce)
+    v = gather_rows(op.local_materialize(data), reduce)
+    with kernel_mode(op.energy):  # float32/64 arithmetic (no TF32) for the Gram matrix
+        sigma, vecs = gram_eigh(v)
     return ExactNFK(v, sigma, vecs, op.statistics.mean_score, op.statistics.fisher_diagonal)

@@ -13,47 +13,52 @@ GEMMs per block, whatever ``l`` is) or from JVP/VJP products batched over the ``
 (``matrix_free``: the paper's way). Sums over the data are reduced across processes once
 per pass; each process only ever sees its own rows.
 
-:func:`prepare_fisher_vectors` is the one preparation pipeline (working energy, checks of
-the energy and the data, strategy, statistics) shared by the randomized and exact paths.
+The operator is built by :func:`~lightning_nfk.kernel.prepare_fisher_vectors` (the
+preparation module), the one way in for the exact and randomized fits. Products named
+``local_*`` return this process's rows and involve no collective; the others
+(``fit_statistics``, ``rmatmat``, ``normal_matmat``) are summed over the processes. Each
+runs in :func:`~lightning_nfk.kernel.precision.kernel_mode` (eval mode, float32/64, the
+global RNG untouched).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_nfk.kernel._data import (
-    Data,
-    check_data,
-    check_same_examples,
-    count_examples,
-    first_tensor,
-    iter_chunks,
-)
-from lightning_nfk.kernel.config import NFKConfig
+from lightning_nfk.kernel._data import Data, count_examples, iter_chunks
+from lightning_nfk.kernel.config import OperatorOptions
 from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
-from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.memory import (
     DENSE_BLOCK_ROWS,
-    activation_bytes,
     bytes_per_row,
-    dense_block_rows,
-    dense_peak_bytes,
     device_budget,
     sketch_bytes,
 )
 from lightning_nfk.kernel.per_example import ScoreJacobian
-from lightning_nfk.kernel.precision import full_precision
+from lightning_nfk.kernel.precision import kernel_mode
 
 Progress = Callable[[int], None]
 _MAX_BLOCK_ROWS = 1024
 _MAX_MATRIX_FREE_ROWS = 128
-_DENSE_EXAMPLES_PER_PASS = 256
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def _in_kernel_mode(method: _Method) -> _Method:
+    """Run an operator's pass in :func:`kernel_mode` of its energy."""
+
+    @functools.wraps(method)
+    def wrapper(self: FisherVectors, *args, **kwargs):
+        with kernel_mode(self.energy):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -75,46 +80,6 @@ def nonfinite_rows(t: Tensor) -> Tensor:
     return (~torch.isfinite(t).all(dim=1)).sum()
 
 
-@contextlib.contextmanager
-def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
-    """Eval mode, gradients enabled, inference mode off, global RNG untouched, float32/64
-    arithmetic (autocast off, no TF32: :func:`full_precision`); all restored.
-
-    ``owners`` are energies (their kernel module and auxiliary modules) or plain modules.
-    """
-    modules: list[nn.Module] = []
-    for owner in owners:
-        if isinstance(owner, Energy):
-            modules += [owner.module, *owner.auxiliary_modules()]
-        else:
-            modules.append(owner)
-    flags = [(m, m.training) for root in modules for m in root.modules()]
-    devices = sorted(
-        {p.device.index or 0 for r in modules for p in r.parameters() if p.device.type == "cuda"}
-    )
-    try:
-        with (
-            torch.random.fork_rng(devices=devices),
-            full_precision(),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-        ):
-            for root in modules:
-                root.eval()
-            yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
-def working_energy(energy: Energy, dtype: torch.dtype | None) -> Energy:
-    """``energy`` in the compute dtype: ``dtype``, or the model's (float32 for half precision)."""
-    current = next(p for p in energy.module.parameters() if p.requires_grad).dtype
-    if dtype is None and current in (torch.float16, torch.bfloat16):
-        dtype = torch.float32  # half-precision Fisher vectors overflow; QR is not accurate
-    return energy if dtype is None or dtype == current else energy.to(dtype)
-
-
 @dataclass(frozen=True)
 class Statistics:
     """Mean score, diagonal Fisher and, where the sums give it, :math:`\\|V\\|_F^2`."""
@@ -134,53 +99,69 @@ class PassResult(NamedTuple):
 
 
 class FisherVectors:
-    """Matrix-free Fisher vectors of an energy (statistics, products, rows); built and its
-    statistics fitted by :func:`prepare_fisher_vectors`.
+    """Matrix-free Fisher vectors of an energy (statistics, products, rows). Built, and its
+    statistics fitted, by :func:`~lightning_nfk.kernel.prepare_fisher_vectors`; a saved
+    fit rebuilds one with :meth:`load_statistics`.
 
     Args:
         jacobian: the energy's :class:`ScoreJacobian` (parameter snapshot).
-        config: damping and chunk size (``chunk_size``, else from the memory budget).
+        options: damping and chunk size (``chunk_size``, else from the memory budget).
         strategy: ``"matrix_free"`` for products by JVP/VJP, else per-example gradient
             blocks (``"blocked"``, ``"dense"``).
         reduce: sum over processes.
-        memory_budget: bytes for a block; ``None``: ``config.memory_budget``, else the
+        columns: the width ``l`` of the products the operator is for (the sketch's
+            ``k + oversample``; 0 for one column at a time): sizes the blocks.
+        memory_budget: bytes for a block; ``None``: ``options.memory_budget``, else the
             device's default (:func:`~lightning_nfk.kernel.memory.device_budget`).
         activations: bytes of activations one example's backward keeps
             (:func:`~lightning_nfk.kernel.memory.activation_bytes`; 0 when unknown).
+        num_examples: N over all processes, when known.
     """
 
     def __init__(
         self,
         jacobian: ScoreJacobian,
-        config: NFKConfig,
+        options: OperatorOptions,
         strategy: str,
         reduce: Reduce,
         *,
+        columns: int = 0,
         memory_budget: int | None = None,
         activations: int = 0,
+        num_examples: int | None = None,
     ) -> None:
         self.jacobian, self.energy = jacobian, jacobian.energy
-        self.damping, self.strategy, self.reduce = config.damping, strategy, reduce
+        self.damping, self.strategy, self.reduce = options.damping, strategy, reduce
+        self.num_examples = num_examples
         self.matrix_free = strategy == "matrix_free"
         self.rank, self.world_size = rank_and_world_size()  # to share out model samples
         self.dtype, self.device = jacobian.dtype, jacobian.device
         self.num_parameters = p = jacobian.num_parameters
-        budget = memory_budget or config.memory_budget or device_budget(self.device)
-        columns = config.columns if self.matrix_free else 0
-        self.bytes_per_row = bytes_per_row(p, self.dtype.itemsize, activations, columns)
+        budget = memory_budget or options.memory_budget or device_budget(self.device)
+        width = columns if self.matrix_free else 0
+        self.bytes_per_row = bytes_per_row(p, self.dtype.itemsize, activations, width)
         if strategy == "dense":  # V comes out of the budget: `memory_budget` is what it leaves
             cap, fixed = DENSE_BLOCK_ROWS, 0
         else:  # the randomized fit's P x l operands come out of the same budget
             cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
-            fixed = sketch_bytes(p, config.columns, self.dtype.itemsize)
+            fixed = sketch_bytes(p, columns, self.dtype.itemsize)
         blocks = max(0, budget - fixed)
-        self.max_rows = config.chunk_size or max(1, min(blocks // self.bytes_per_row, cap))
+        self.max_rows = options.chunk_size or max(1, min(blocks // self.bytes_per_row, cap))
         self.statistics = Statistics(None, None)
         self.scale: Tensor | None = None  # 1 / sqrt(I + damping), (P,), working dtype
 
     @property
     def mean_score(self) -> Tensor | None:
         return self.statistics.mean_score
+
+    def with_strategy(self, strategy: str) -> FisherVectors:
+        """This operator (snapshot, statistics, block size) computing its products by
+        ``strategy``: ``"matrix_free"`` (JVP/VJP) or ``"blocked"`` (gradient blocks)."""
+        if strategy not in ("blocked", "matrix_free"):
+            raise ValueError(f"`strategy` must be 'blocked' or 'matrix_free', got {strategy!r}.")
+        op = copy.copy(self)
+        op.strategy, op.matrix_free = strategy, strategy == "matrix_free"
+        return op
 
     # -- data ------------------------------------------------------------------------------
     def chunks(
@@ -217,6 +198,7 @@ class FisherVectors:
         return (sums[1] - 2 * z * sums[0] + n * z * z) * s * s
 
     # -- statistics ----------------------------------------------------------------------------
+    @_in_kernel_mode
     def fit_statistics(self, data: Data, progress: Progress | None = None) -> Statistics:
         """Mean score, diagonal Fisher and (where the sums allow) :math:`\\|V\\|_F^2`; the
         operator keeps them for its products.
@@ -236,18 +218,20 @@ class FisherVectors:
         sums: dict[str, tuple[Tensor, float]] = {}
         for source in sources:
             chunks = self.chunks(data, progress) if source == "data" else self._sample_chunks()
+            # [sum of g | non-finite rows] over [sum of g * g | rows]: one reduce per source
             acc = torch.zeros(2, p + 1, dtype=torch.float64, device=self.device)
+            column_sums, nonfinite, count = acc[:, :p], acc[0, p], acc[1, p]
             for x, extras in chunks:
-                row_sums = self._column_sums(self.jacobian.gradients(x, extras), acc)
-                acc[0, -1] += nonfinite_rows(row_sums[:, None])
-                acc[1, -1] += x.shape[0]
+                row_sums = self._column_sums(self.jacobian.gradients(x, extras), column_sums)
+                nonfinite += nonfinite_rows(row_sums[:, None])
+                count += x.shape[0]
             acc = self.reduce(acc)
-            count = acc[1, -1].item()
+            column_sums, nonfinite, count = acc[:, :p], acc[0, p].item(), acc[1, p].item()
             what = "fitting examples" if source == "data" else "model samples"
-            raise_if_nonfinite(acc[0, -1].item(), count, what)
+            raise_if_nonfinite(nonfinite, count, what)
             if count == 0:
                 raise ValueError(f"{type(energy).__name__} produced no {what} for its statistics.")
-            sums[source] = (acc[:, :p], count)
+            sums[source] = (column_sums, count)
 
         z = torch.zeros(p, dtype=torch.float64, device=self.device)
         if energy.centring is not None:
@@ -331,7 +315,8 @@ class FisherVectors:
         else:
             out.addmm_(block.T, y)
 
-    def matmat(
+    @_in_kernel_mode
+    def local_matmat(
         self,
         data: Data,
         z: Tensor,
@@ -355,6 +340,7 @@ class FisherVectors:
             raise_if_nonfinite(nonfinite_rows(out).item(), out.shape[0], "inputs")
         return out
 
+    @_in_kernel_mode
     def rmatmat(self, data: Data, y: Tensor) -> Tensor:
         """:math:`V^\\top Y` (P, l) for ``y`` (n_local, l) aligned with this process's rows,
         summed over processes."""
@@ -367,6 +353,7 @@ class FisherVectors:
             raise ValueError(f"`y` has {y.shape[0]} rows; the data has {start} examples.")
         return self.reduce(self._unfold(out, y.sum(dim=0)))
 
+    @_in_kernel_mode
     def normal_matmat(
         self, data: Data, z: Tensor, *, frobenius: bool = False, progress: Progress | None = None
     ) -> PassResult:
@@ -387,8 +374,8 @@ class FisherVectors:
             rows.append(y)
         y_all = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
         m = self.reduce(self._unfold(m, y_all.sum(dim=0)))
-        tail = self.reduce(_row_counts(y_all))
-        raise_if_nonfinite(tail[0].item(), tail[1].item(), "fitting examples")
+        nonfinite, count = self.reduce(_row_counts(y_all)).tolist()
+        raise_if_nonfinite(nonfinite, count, "fitting examples")
         if not frobenius:
             return PassResult(m, None, y_all)
         cols = self.reduce(cols)
@@ -396,10 +383,11 @@ class FisherVectors:
         if self.mean_score is not None:
             z64 = self.mean_score.double()
         s64 = torch.ones_like(z64) if self.scale is None else self.scale.double()
-        total = self._centred_sum_of_squares(cols, tail[1].item(), z64, s64).sum().item()
+        total = self._centred_sum_of_squares(cols, count, z64, s64).sum().item()
         return PassResult(m, total, y_all)
 
-    def materialize(self, data: Data, progress: Progress | None = None) -> Tensor:
+    @_in_kernel_mode
+    def local_materialize(self, data: Data, progress: Progress | None = None) -> Tensor:
         """This process's rows of :math:`V` (n_local x P)."""
         # filled in place: V once in memory, not its chunks and their concatenation
         v = torch.empty(
@@ -420,175 +408,14 @@ class FisherVectors:
             start += x.shape[0]
         if start != v.shape[0]:
             raise ValueError(f"`data` gave {start} examples; it had {v.shape[0]} when counted.")
-        counts = self.reduce(counts)
-        raise_if_nonfinite(counts[0].item(), counts[1].item(), "fitting examples")
+        nonfinite, count = self.reduce(counts).tolist()
+        raise_if_nonfinite(nonfinite, count, "fitting examples")
         return v
 
 
 def _row_counts(rows: Tensor) -> Tensor:
-    """(2,) float64 on the rows' device: rows with a non-finite entry, and all rows."""
+    """(2,) float64 on the rows' device: [rows with a non-finite entry, all rows]."""
     counts = torch.zeros(2, dtype=torch.float64, device=rows.device)
     counts[0] = nonfinite_rows(rows)
     counts[1] = rows.shape[0]
     return counts
-
-
-def _check_energy(jac: ScoreJacobian, data: Data) -> int:
-    """On up to 4 examples: one scalar per example, deterministic, each example's score
-    independent of the rest of its batch (no batch statistics). Returns the bytes of
-    activations one example's backward keeps (:func:`activation_bytes`)."""
-    for batch in data.split(4) if isinstance(data, Tensor) else data:
-        x = first_tensor(batch)[:4]
-        if x.shape[0] == 0:
-            continue
-        x = next(iter_chunks(x, 4, jac.device, jac.dtype))
-        extras = jac.energy.extras(x)
-        name = type(jac.energy).__name__
-        out = jac.scores(x, extras)
-        if out.shape != (x.shape[0],):
-            raise ValueError(
-                f"{name}.score must return one scalar per example, shape ({x.shape[0]},) for a "
-                f"batch of {x.shape[0]}; got shape {tuple(out.shape)}."
-            )
-        if not _agree(out, jac.scores(x, extras)):
-            raise ValueError(
-                f"{name}.score is not deterministic: two evaluations of the same examples "
-                "differ. The NFK needs a fixed function of the parameters (stochastic layers "
-                "must be off in eval mode; random noise must be frozen per example, see "
-                "Energy.extras)."
-            )
-        try:
-            singles = [
-                jac.scores(x[i : i + 1], tuple(e[i : i + 1] for e in extras)) for i in range(len(x))
-            ]
-        except (RuntimeError, ValueError) as e:  # e.g. BatchNorm1d on one example
-            raise ValueError(
-                f"{name}.score fails on a single example ({e}); the NFK differentiates each "
-                "example's score alone, so the score must not need the rest of the batch."
-            ) from e
-        alone = torch.cat(singles)
-        if not _agree(out, alone):
-            raise ValueError(
-                f"{name}.score of an example depends on the other examples of its batch "
-                f"(scores of {len(x)} examples batched and one by one differ, max "
-                f"{float((out - alone).nan_to_num().abs().max()):.3g}): a layer uses batch "
-                "statistics in eval mode (BatchNorm with track_running_stats=False?). The NFK "
-                "needs a per-example score: use running statistics or GroupNorm/LayerNorm."
-            )
-        return activation_bytes(jac, x, extras)
-    return 0
-
-
-def _agree(a: Tensor, b: Tensor) -> bool:
-    """Equal up to sqrt(eps) of their scale, ignoring non-finite entries (a later, clearer
-    error): kernels for other shapes, or GPU atomics, differ by a few eps; batch
-    statistics or unfrozen noise by far more."""
-    finite = a.isfinite() & b.isfinite()
-    tol = torch.finfo(a.dtype).eps ** 0.5
-    scale = float(a[finite].abs().max()) if finite.any() else 0.0
-    return torch.allclose(a[finite], b[finite], rtol=tol, atol=tol * scale)
-
-
-def prepare_fisher_vectors(
-    energy: Energy,
-    data: Data,
-    config: NFKConfig,
-    reduce: Reduce,
-    progress: Progress | None = None,
-) -> tuple[FisherVectors, int]:
-    """Check the data and the energy, resolve the strategy, build the operator and fit its
-    statistics; call inside :func:`kernel_mode` with the :func:`working_energy`.
-
-    Returns:
-        The operator and N, the number of fitting examples over all processes.
-
-    Raises:
-        ValueError, TypeError: before any pass: empty or changing data, ``k + oversample >
-            min(N, P)``, a dense problem over the memory budget, an energy that is not one
-            deterministic per-example scalar (a refusal on one rank is raised on every
-            rank); after the statistics: identical examples, a zero kernel.
-        NonFiniteGradientError: non-finite scores or gradients.
-    """
-    check_data(data)
-    jac = ScoreJacobian(energy)
-    n_local = count_examples(data)
-    rank, world = rank_and_world_size()
-    # N and the smallest memory budget of all ranks (the same strategy everywhere)
-    budget = config.memory_budget or device_budget(jac.device, processes_per_host=world)
-    shared = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
-    shared[0], shared[1 + rank] = n_local, budget
-    shared = reduce(shared).tolist()
-    n, p, budget = int(shared[0]), jac.num_parameters, int(min(shared[1:]))
-    if n == 0:
-        raise ValueError("`data` is empty: the NFK needs at least one fitting example.")
-    config.check_columns(
-        min(n, p), f"min(number of examples, number of parameters) = min({n}, {p})"
-    )
-    # a dense problem that cannot fit even without activations: refused before any evaluation
-    rows_only = FisherVectors(jac, config, "blocked", reduce, memory_budget=budget)
-    _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, rows_only, world)
-    error, activations = None, 0
-    if n_local > 0:  # checks of this rank's data; every rank learns of a refusal
-        try:
-            check_same_examples(data)
-            activations = _check_energy(jac, data)
-        except (ValueError, TypeError) as e:
-            error = e
-    # refusals, and the largest activations of all ranks (the same sizing everywhere)
-    checked = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
-    checked[0], checked[1 + rank] = float(error is not None), activations
-    checked = reduce(checked).tolist()
-    if error is not None:
-        raise error
-    if checked[0] > 0:
-        raise ValueError("Another process refused its shard of the fitting data (see its error).")
-    activations = int(max(checked[1:]))
-    block = FisherVectors(
-        jac, config, "blocked", reduce, memory_budget=budget, activations=activations
-    )
-    strategy = _resolve_strategy(config, n, p, jac.dtype.itemsize, budget, block, world)
-    if strategy == "dense":  # the gradient blocks get what V leaves
-        rows = config.chunk_size or dense_block_rows(
-            n, p, jac.dtype.itemsize, block.bytes_per_row, budget, world
-        )
-        budget = rows * block.bytes_per_row
-    op = FisherVectors(jac, config, strategy, reduce, memory_budget=budget, activations=activations)
-    stats = op.fit_statistics(data, progress)
-    if stats.sum_of_squares == 0:
-        raise ValueError(
-            "The Fisher vectors of the fitting data are all zero (||V||_F = 0): the kernel is "
-            "zero. Does the energy depend on the kernel module's parameters?"
-        )
-    return op, n
-
-
-def _resolve_strategy(
-    config: NFKConfig,
-    n: int,
-    p: int,
-    itemsize: int,
-    budget: int,
-    block: FisherVectors,
-    world: int,
-) -> str:
-    rows = config.chunk_size or dense_block_rows(n, p, itemsize, block.bytes_per_row, budget, world)
-    need = dense_peak_bytes(n, p, itemsize, rows * block.bytes_per_row, world)
-    fits = need <= budget
-    if config.strategy == "dense" and not fits:
-        whose = "`memory_budget`" if config.memory_budget else "the memory budget"
-        if not config.memory_budget:
-            whose += " (half of the device's available memory; set `memory_budget` to choose)"
-        raise ValueError(
-            f"The dense fit (exact_nfk, strategy='dense') needs V ({n} x {p}) with a gradient "
-            f"block, then V with its Gram matrix's eigendecomposition, in memory: "
-            f"{need / 2**20:.0f} MiB at its peak, more than {whose}: {budget / 2**20:.0f} MiB. "
-            "Raise `memory_budget`, fit fewer examples, or use LowRankNFK with "
-            "strategy='blocked' or 'auto'."
-        )
-    if config.strategy != "auto":
-        return config.strategy
-    # Alg. 1 costs one gradient pass plus a min(N, P)^2 max(N, P) Gram; the randomized fit
-    # n_iter + 2 gradient passes. Measured crossover on LeNet-5: about 400 (n_iter + 1)
-    # examples; 256 (n_iter + 1) keeps a margin.
-    cheap = min(n, p) <= _DENSE_EXAMPLES_PER_PASS * (config.n_iter + 1)
-    return "dense" if fits and cheap else "blocked"

@@ -22,16 +22,11 @@ from lightning_nfk.kernel._data import Data, check_data, has_fixed_order
 from lightning_nfk.kernel.config import NFKConfig
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
-from lightning_nfk.kernel.fisher_vectors import (
-    FisherVectors,
-    PassResult,
-    Progress,
-    kernel_mode,
-    prepare_fisher_vectors,
-    working_energy,
-)
+from lightning_nfk.kernel.fisher_vectors import FisherVectors, PassResult, Progress
 from lightning_nfk.kernel.linalg import exact_decomposition, frobenius_squared, gather_rows
 from lightning_nfk.kernel.per_example import ScoreJacobian
+from lightning_nfk.kernel.precision import kernel_mode
+from lightning_nfk.kernel.preparation import prepare_fisher_vectors, working_energy
 from lightning_nfk.kernel.randomized_svd import subspace_iteration
 
 _STATE_VERSION = 3  # 3: the snapshot keyed by the module's own parameter names
@@ -258,9 +253,13 @@ class LowRankNFK:
                 after the passes; the previous fit is then kept). Raised on every rank.
             NonFiniteGradientError: when some scores or per-example gradients are not finite.
         """
-        energy = working_energy(self.energy, self.config.dtype)
-        with kernel_mode(energy):
-            op, n = prepare_fisher_vectors(energy, data, self.config, self.reduce, progress)
+        op = prepare_fisher_vectors(
+            self.energy, data, self.config, reduce=self.reduce, progress=progress
+        )
+        n = op.num_examples
+        # the passes enter kernel_mode themselves; the sketch's algebra between them (QR,
+        # Rayleigh-Ritz, the dense eigendecomposition) needs its float32/64 as well
+        with kernel_mode(op.energy):
             fit = self._fit_dense if op.strategy == "dense" else self._fit_randomized
             sigma, components, residuals, total, exact, embedding = fit(op, data, progress)
         if not total > 0:
@@ -285,7 +284,7 @@ class LowRankNFK:
         return self
 
     def _fit_dense(self, op: FisherVectors, data: Data, progress: Progress | None):
-        local = op.materialize(data, progress)
+        local = op.local_materialize(data, progress)
         v = gather_rows(local, self.reduce)
         sigma, right, _ = exact_decomposition(v, self.config.k)
         total = frobenius_squared(v).item()
@@ -361,8 +360,17 @@ class LowRankNFK:
         """
         check_data(data)
         op = self._fitted_operator()
-        with kernel_mode(op.energy):
-            return op.matmat(data, self.components, check_finite=check_finite)
+        return op.local_matmat(data, self.components, check_finite=check_finite)
+
+    @property
+    def operator(self) -> FisherVectors:
+        """The fitted Fisher-vector operator (parameter snapshot, statistics, strategy): for
+        products with other matrices than the components.
+
+        Raises:
+            RuntimeError: not fitted.
+        """
+        return self._fitted_operator()
 
     def _fitted_operator(self) -> FisherVectors:
         if self._op is None:
@@ -401,7 +409,9 @@ class LowRankNFK:
         jac.theta = {name: t.to(jac.device) for name, t in state["theta"].items()}
         jac.constants = {name: t.to(jac.device) for name, t in state["constants"].items()}
         fit = NFKFit(**state["result"])
-        op = FisherVectors(jac, self.config, fit.strategy, self.reduce)
+        op = FisherVectors(
+            jac, self.config.operator, fit.strategy, self.reduce, columns=self.config.columns
+        )
         op.load_statistics(fit.mean_score, fit.fisher_diagonal)
         # once, here: transform then never copies them (whatever `map_location` gave)
         fit = dataclasses.replace(fit, components=fit.components.to(op.device, op.dtype))

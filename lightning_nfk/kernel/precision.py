@@ -6,7 +6,8 @@ Ampere and newer GPUs cuDNN convolutions (and, after ``torch.set_float32_matmul_
 and the randomized SVD would silently lose three to four digits. :func:`full_precision`
 turns autocast off for every device type and asks for IEEE float32 in matmuls,
 convolutions and RNNs on CUDA (cuBLAS, cuDNN) and on the CPU (oneDNN), then restores
-exactly what it found.
+exactly what it found. :func:`kernel_mode` adds eval mode and an untouched global RNG: the
+conditions every pass of the kernel runs under.
 
 PyTorch >= 2.9 has two APIs for these switches, the legacy ``allow_tf32`` flags and the
 ``fp32_precision`` attributes, and raises when a process mixes them: the switches are
@@ -19,6 +20,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
+
+from lightning_nfk.kernel.energies.base import Energy
 
 _AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 # (backend, operation) pairs of the new API: torch.backends.<backend>.<operation>.fp32_precision
@@ -113,3 +117,35 @@ def full_precision() -> Iterator[None]:
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         stack.enter_context(_ieee_float32())
         yield
+
+
+@contextlib.contextmanager
+def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
+    """Eval mode, gradients enabled, inference mode off, global RNG untouched, float32/64
+    arithmetic (autocast off, no TF32: :func:`full_precision`); all restored.
+
+    ``owners`` are energies (their kernel module and auxiliary modules) or plain modules.
+    """
+    modules: list[nn.Module] = []
+    for owner in owners:
+        if isinstance(owner, Energy):
+            modules += [owner.module, *owner.auxiliary_modules()]
+        else:
+            modules.append(owner)
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    devices = sorted(
+        {p.device.index or 0 for r in modules for p in r.parameters() if p.device.type == "cuda"}
+    )
+    try:
+        with (
+            torch.random.fork_rng(devices=devices),
+            full_precision(),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+        ):
+            for root in modules:
+                root.eval()
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training

@@ -31,8 +31,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_nfk._io import describe_error
-from lightning_nfk.kernel import ClassifierEnergy, Energy, check_int, kernel_mode
+from lightning_nfk.kernel import ClassifierEnergy, Energy, kernel_mode
 from lightning_nfk.kernel._data import first_tensor
+from lightning_nfk.kernel.config import check_int
 from lightning_nfk.models.distillation_terms import (
     DistillationTerm,
     KDTerm,

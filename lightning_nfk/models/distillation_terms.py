@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.regression import CosineSimilarity, R2Score
 
-from lightning_nfk.kernel import NFKConfig, check_int
+from lightning_nfk.kernel import NFKConfig
 from lightning_nfk.kernel._data import parameter_dtype
+from lightning_nfk.kernel.config import check_int
 from lightning_nfk.models.teacher_targets import (
     TeacherTargets,
     check_cache_path,

@@ -49,15 +49,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # device budgets that differ by rank (free GPU memory does): rank 0's would make
         # `auto` choose dense, rank 1's blocked; every rank must take the smallest
         budget = 2**34 if rank == 0 else 60_000
-        with mock.patch(
-            "lightning_nfk.kernel.fisher_vectors.device_budget", lambda *a, **k: budget
-        ):
+        with mock.patch("lightning_nfk.kernel.preparation.device_budget", lambda *a, **k: budget):
             case = make_case("cnn")
             nfk = LowRankNFK(case.energy, k=3, oversample=6, n_iter=2)
             nfk.fit(case.x[:SPLIT] if rank == 0 else case.x[SPLIT:])
         results["auto"] = {
             "strategy": nfk.strategy_used,
-            "max_rows": torch.tensor(nfk._fitted_operator().max_rows),
+            "max_rows": torch.tensor(nfk.operator.max_rows),
         }
         results["exact"] = exact_nfk(
             make_case("mlp").energy,

@@ -61,7 +61,7 @@ def test_chunks_shrink_for_activation_heavy_models():
     nfk = LowRankNFK(ClassifierEnergy(net), k=2, oversample=2, n_iter=1, strategy="blocked")
     nfk.config = NFKConfig(k=2, oversample=2, n_iter=1, strategy="blocked", memory_budget=budget)
     nfk.fit(x)
-    op = nfk._fitted_operator()
+    op = nfk.operator
     p = sum(q.numel() for q in net.parameters())
     rows_only = budget // bytes_per_row(p, 8, 0)
     assert op.bytes_per_row > bytes_per_row(p, 8, 0)  # the activations were counted
