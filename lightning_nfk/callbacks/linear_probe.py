@@ -31,7 +31,7 @@ from lightning_nfk.kernel import (
 from lightning_nfk.kernel._data import parameter_dtype
 from lightning_nfk.kernel.config import check_int
 from lightning_nfk.kernel.distributed import rank_and_world_size
-from lightning_nfk.models.protocol import nfk_energy_of
+from lightning_nfk.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
     check_strategy,

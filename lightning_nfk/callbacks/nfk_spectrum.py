@@ -31,7 +31,7 @@ from lightning_nfk.kernel import (
     subspace_drift,
 )
 from lightning_nfk.kernel.config import check_int
-from lightning_nfk.models.protocol import nfk_energy_of
+from lightning_nfk.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
     check_strategy,
@@ -52,7 +52,7 @@ class NFKSpectrumCallback(Callback):
     """Fit a rank-``k`` NFK on a fixed probe set every ``every_n_epochs`` epochs and log its spectrum.
 
     The module must implement the NFK protocol (``nfk_energy()``, see
-    :mod:`lightning_nfk.models.protocol`). The probe set is ``probe_size`` examples drawn
+    :mod:`lightning_nfk.protocol`). The probe set is ``probe_size`` examples drawn
     once (seeded) from the ``probe_split`` data, without augmentation; under DDP each rank
     takes a contiguous unpadded shard and every sum is reduced through the trainer's
     strategy, so the figures equal those of one process.

@@ -12,8 +12,8 @@ from lightning_nfk.models.networks import (
     LeNet5,
     WideResNet,
 )
-from lightning_nfk.models.protocol import NFKModule, nfk_energy_of
 from lightning_nfk.models.vae import VAEModule
+from lightning_nfk.protocol import NFKModule, nfk_energy_of
 
 __all__ = [
     "MLP",

@@ -36,6 +36,7 @@ class ClassifierModule(pl.LightningModule):
         self.scheduler = scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -62,8 +63,9 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
-        self.val_acc(logits, y)
-        self.log("test/acc", self.val_acc)
+        self.test_acc(logits, y)
+        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

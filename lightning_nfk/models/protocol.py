@@ -1,44 +1,6 @@
-"""How a LightningModule hands its Neural Fisher Kernel to the callbacks.
+"""The NFK protocol, kept here for earlier imports: it lives in :mod:`lightning_nfk.protocol`
+(so that the callbacks reach a module's energy without importing the models)."""
 
-A module joins by defining one method::
+from lightning_nfk.protocol import NFKModule, nfk_energy_of
 
-    class MyModule(pl.LightningModule):
-        def nfk_energy(self) -> lightning_nfk.kernel.Energy:
-            return ClassifierEnergy(self.net)   # or GANEnergy, VAEEnergy, your own Energy
-
-The callbacks call it at each fit; the energy must refer to the live submodules (not
-copies), so that the kernel follows training.
-"""
-
-from __future__ import annotations
-
-from typing import Protocol, runtime_checkable
-
-from torch import nn
-
-from lightning_nfk.kernel import Energy
-
-
-@runtime_checkable
-class NFKModule(Protocol):
-    """A module that exposes the energy defining its NFK."""
-
-    def nfk_energy(self) -> Energy: ...
-
-
-def nfk_energy_of(module: nn.Module) -> Energy:
-    """The module's energy, or a TypeError saying what to add."""
-    method = getattr(module, "nfk_energy", None)
-    if not callable(method):
-        raise TypeError(
-            f"{type(module).__name__} does not implement the NFK protocol: add a method "
-            "`nfk_energy(self) -> lightning_nfk.kernel.Energy`, for example "
-            "`return ClassifierEnergy(self.net)` (see lightning_nfk.models.protocol)."
-        )
-    energy = method()
-    if not isinstance(energy, Energy):
-        raise TypeError(
-            f"{type(module).__name__}.nfk_energy() must return a lightning_nfk.kernel.Energy, "
-            f"got {type(energy).__name__}."
-        )
-    return energy
+__all__ = ["NFKModule", "nfk_energy_of"]

@@ -163,3 +163,23 @@ def test_ranks_draw_their_own_rows_of_the_global_latents():
     assert one.dtype == shares[0].dtype == torch.float64 and shares[0].shape == (3, 3)
     torch.testing.assert_close(one, whole)  # one process: the draw it always made
     torch.testing.assert_close(torch.cat(shares), whole)  # two: disjoint rows of it
+
+
+def test_classifier_test_step_scores_the_test_split_with_its_own_metric(tmp_path):
+    clf, dm = tiny_classifier(), RandomImageDataModule(batch_size=16)
+    trainer = quick_trainer(tmp_path, limit_train_batches=3)
+    trainer.fit(clf, dm)
+    metrics = trainer.test(clf, dm, verbose=False)[0]
+    # by hand over the same test split
+    clf.eval()
+    correct = total = 0
+    loss = 0.0
+    with torch.no_grad():
+        for x, y, *_ in dm.test_dataloader():
+            logits = clf(x)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            total += len(y)
+    assert metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
+    assert metrics["test/loss"] == pytest.approx(loss / total, rel=1e-4)
+    assert clf.test_acc is not clf.val_acc
