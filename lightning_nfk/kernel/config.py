@@ -160,17 +160,15 @@ class NFKConfig:
 
     @property
     def columns(self) -> int:
-        """``l = k + oversample``, the width of the random sketch."""
-        return self.k + self.oversample
+        """:attr:`SketchOptions.columns`."""
+        return self.sketch.columns
 
-    def check_columns(
-        self,
-        limit: int,
-        described: str,
-        cure: str = "lower `k` or `oversample`, or fit on more examples",
-    ) -> None:
+    def check_columns(self, limit: int, described: str, cure: str | None = None) -> None:
         """:meth:`SketchOptions.check_columns`."""
-        self.sketch.check_columns(limit, described, cure)
+        if cure is None:
+            self.sketch.check_columns(limit, described)
+        else:
+            self.sketch.check_columns(limit, described, cure)
 
     def as_dict(self) -> dict[str, object]:
         """Plain Python values (the dtype as its name), for checkpoints."""
