@@ -22,33 +22,38 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_nfk.callbacks import NFKSpectrumCallback
-from lightning_nfk.data import FashionMNISTDataModule
-from lightning_nfk.models import ClassifierModule, LeNet5
+from lightning_nfk.cli import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"  # or the Debian package's folder, which the data module also reads
+
+
+def quickstart(*overrides: str):
+    """The quickstart recipe's objects, without its logger, callbacks and checkpoints."""
+    return load_recipe(
+        "quickstart",
+        "--trainer.accelerator=cpu",
+        f"--data.init_args.data_dir={DATA}",
+        *overrides,
+        bare=True,
+    )
 
 
 def epoch_seconds(
-    with_callback: bool, dm: FashionMNISTDataModule, root: str
+    with_callback: bool, dm: pl.LightningDataModule, root: str
 ) -> tuple[float, float]:
-    """Wall time of one training epoch (no validation), and the callback's own time."""
-    pl.seed_everything(0, verbose=False)
-    model = ClassifierModule(LeNet5())
-    cb = NFKSpectrumCallback(plot=False)
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb] if with_callback else [],
+    """Wall time of one training epoch of the quickstart recipe's model (no validation;
+    ``dm`` set up already), and the callback's own time."""
+    r = quickstart(
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={root}",
     )
+    cb = NFKSpectrumCallback(plot=False)
+    if with_callback:
+        r.trainer.callbacks.append(cb)
     t0 = time.perf_counter()
-    trainer.fit(model, dm)
+    r.trainer.fit(r.model, dm)
     total = time.perf_counter() - t0
     return total, (cb.history[-1]["nfk/seconds"] if with_callback else 0.0)
 
@@ -58,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-quickstart", action="store_true")
     args = parser.parse_args()
-    dm = FashionMNISTDataModule(data_dir=str(ROOT / "data"), batch_size=128, val_size=5000)
+    dm = quickstart("--seed_everything=false").datamodule
     dm.setup()
     print(f"# bench_callbacks.py on {torch.get_num_threads()} threads, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as root:

@@ -81,9 +81,8 @@ def main() -> None:
     mods = {}
     for name, (mode, targets) in setups.items():
         m = module(mode, targets, teacher)
-        tt = m.teacher_targets
-        tt.nfk, tt.rms = nfk, nfk.singular_values / nfk.num_examples**0.5
-        tt.train = torch.randn(a.batch_size, 20)  # looked-up rows: their values do not matter
+        # looked-up rows of the training table: their values do not matter
+        m.teacher_targets.use_fit(nfk, torch.randn(a.batch_size, 20))
         mods[name] = (m, m.configure_optimizers())
         step_seconds(*mods[name], batch)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in mods}

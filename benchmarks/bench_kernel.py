@@ -3,9 +3,9 @@
 Sections (each a table; every ratio is measured side by side in this one process, and
 times are medians of repeats):
 
-* ``accuracy``: LeNet-5 on the first 1024 Fashion-MNIST training images, k=16,
-  oversample=10, n_iter=10, against the exact float64 NFK (seed-0 init and after one
-  epoch of training; ``--quick``: seed-0 init only).
+* ``accuracy``: the quickstart recipe's LeNet-5 on the first 1024 Fashion-MNIST training images, k=16,
+  oversample=10, n_iter=10, against the exact float64 NFK (at its initialisation and after one
+  epoch of the recipe's training; ``--quick``: initialisation only).
 * ``speed``: one power iteration (one pass V^T V Z), the default strategy (``blocked``)
   against the paper's ``matrix_free`` JVP/VJP products, k=128.
 * ``training``: one power iteration against one training forward+backward over the same
@@ -35,62 +35,95 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_nfk.data import read_idx
+from lightning_nfk.cli import load_recipe
+from lightning_nfk.data import CIFAR10DataModule, FashionMNISTDataModule, ImageTensorDataset
 from lightning_nfk.kernel import (
     ClassifierEnergy,
-    GANEnergy,
     LowRankNFK,
     OperatorOptions,
     exact_nfk,
     prepare_fisher_vectors,
 )
-from lightning_nfk.models import MLP, DCGANDiscriminator, DCGANGenerator, LeNet5, WideResNet
+from lightning_nfk.models import MLP
 
 ROOT = Path(__file__).resolve().parents[1]
-FASHION_DIRS = [ROOT / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz"
 NOTES: list[str] = []
 
 
-# -- data ---------------------------------------------------------------------------------------
+# -- data and models: the library's data modules and recipes ------------------------------------
 def fashion_mnist(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Normalised Fashion-MNIST training images (n, 1, 28, 28) and labels, in file order."""
-    for d in FASHION_DIRS:
-        if (d / "train-images-idx3-ubyte.gz").exists():
-            x = read_idx(d / "train-images-idx3-ubyte.gz")[:n]
-            y = read_idx(d / "train-labels-idx1-ubyte.gz")[:n]
-            x = (torch.from_numpy(x.copy()).float().div(255) - 0.2860) / 0.3530
-            return x.unsqueeze(1), torch.from_numpy(y.astype(np.int64)), "Fashion-MNIST"
-    NOTES.append(
-        "Fashion-MNIST not found (apt-get install -y dataset-fashion-mnist): Gaussian inputs used."
-    )
-    g = torch.Generator().manual_seed(0)
-    m = n or 60000
-    return (
-        torch.randn(m, 1, 28, 28, generator=g),
-        torch.randint(0, 10, (m,), generator=g),
-        "synthetic",
-    )
+    """Fashion-MNIST training images (n, 1, 28, 28), normalised as the classifier recipes
+    do (``normalization="standard"``), and labels, in file order."""
+    dm = FashionMNISTDataModule(data_dir=str(ROOT / "data"), val_size=0)
+    try:
+        train = dm.dataset("train")
+    except FileNotFoundError:
+        NOTES.append(
+            "Fashion-MNIST not found (apt-get install -y dataset-fashion-mnist): Gaussian inputs used."
+        )
+        g = torch.Generator().manual_seed(0)
+        m = n or 60000
+        return (
+            torch.randn(m, 1, 28, 28, generator=g),
+            torch.randint(0, 10, (m,), generator=g),
+            "synthetic",
+        )
+    x, y = train.tensors(None if n is None else torch.arange(min(n, len(train))))
+    return x, y, "Fashion-MNIST"
 
 
 def cifar10(n: int) -> tuple[torch.Tensor, str]:
-    """Normalised CIFAR-10 (JPEG copy) training images (n, 3, 32, 32)."""
+    """CIFAR-10 (JPEG copy) training images (n, 3, 32, 32), normalised as
+    :class:`CIFAR10DataModule` does (its ``standard`` mean and std)."""
     if CIFAR.exists():
         from torchvision.io import decode_jpeg
 
         z = np.load(CIFAR, allow_pickle=False)
         b, o = z["train_jpeg"], z["train_offsets"]
         imgs = decode_jpeg([torch.from_numpy(b[o[i] : o[i + 1]].copy()) for i in range(n)])
-        x = torch.stack(imgs).float().div(255)
-        mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-        std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
-        return (x - mean) / std, "CIFAR-10 (JPEG copy)"
+        labels = torch.from_numpy(z["train_labels"][:n].astype(np.int64))
+        data = ImageTensorDataset(
+            torch.stack(imgs), labels, CIFAR10DataModule.mean, CIFAR10DataModule.std
+        )
+        return data.tensors()[0], "CIFAR-10 (JPEG copy)"
     NOTES.append(f"{CIFAR} not found: Gaussian 3x32x32 inputs used for the CIFAR-sized models.")
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "synthetic"
+
+
+# every recipe's trainer runs on the CPU here; the benchmark moves the model to --device
+_CPU = ("--trainer.accelerator=cpu", "--trainer.precision=32-true")
+
+
+def recipe_model(recipe: str, *overrides: str) -> pl.LightningModule:
+    """The model ``recipe`` builds (seeded as the recipe says), at its initialisation."""
+    return load_recipe(recipe, *_CPU, *overrides, bare=True).model
+
+
+def lenet_energy(device: torch.device) -> ClassifierEnergy:
+    """The quickstart recipe's LeNet-5 at its initialisation, on ``device``."""
+    return recipe_model("quickstart").to(device).nfk_energy()
+
+
+def lenet_trained_one_epoch(device: torch.device) -> ClassifierEnergy:
+    """The quickstart recipe's LeNet-5 after one epoch of its own training (the whole
+    Fashion-MNIST training split, no validation), on ``device``."""
+    r = load_recipe(
+        "quickstart",
+        *_CPU,
+        f"--data.init_args.data_dir={ROOT / 'data'}",
+        "--data.init_args.val_size=0",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        bare=True,
+    )
+    r.trainer.fit(r.model, datamodule=r.datamodule)
+    return r.model.to(device).eval().nfk_energy()
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -132,35 +165,22 @@ def one_pass_time(op, energy, data, l: int, repeats: int, device) -> float:
     return median_time(lambda: op.normal_matmat(data, z), repeats, device)
 
 
-def train_epoch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, device, batch: int = 128) -> None:
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(x), generator=g)
-    for i in range(0, len(x), batch):
-        idx = perm[i : i + batch]
-        loss = F.cross_entropy(net(x[idx].to(device)), y[idx].to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
-
-
 # -- sections -----------------------------------------------------------------------------------
 def accuracy(args, device) -> dict:
-    x_all, y_all, source = fashion_mnist()
-    x = x_all[:1024].to(device)
+    x_all, _, source = fashion_mnist(1024)
+    x = x_all.to(device)
     rows, out = [], {}
     states = ("seed-0 init",) if args.quick else ("seed-0 init", "after 1 epoch")
     for state in states:
-        torch.manual_seed(0)
-        net = LeNet5().to(device)
         if state == "after 1 epoch":
             t0 = time.perf_counter()
-            train_epoch(net, x_all, y_all, device)
+            net = lenet_trained_one_epoch(device).module
             NOTES.append(
-                f"One training epoch of LeNet-5 on {source}: {time.perf_counter() - t0:.1f} s."
+                f"One training epoch of the quickstart recipe's LeNet-5 on {source}: "
+                f"{time.perf_counter() - t0:.1f} s."
             )
+        else:
+            net = lenet_energy(device).module
         ref = exact_nfk(ClassifierEnergy(net), x, dtype=torch.float64)
         ref_eig = ref.singular_values[:16].double().cpu() ** 2
         for dtype in (torch.float64, torch.float32):
@@ -207,35 +227,48 @@ def accuracy(args, device) -> dict:
     return out
 
 
-def _models(quick: bool):
-    """(name, energy factory, data source, examples blocked, examples matrix-free)."""
+def models(quick: bool):
+    """(name, energy factory, data source, examples blocked, examples matrix-free): the
+    recipes' models at initialisation (the GAN at the Fashion-MNIST recipe's width), and
+    the library's MLP, which no recipe trains."""
 
     def gan():
+        g, d = "--model.init_args.generator.init_args", "--model.init_args.discriminator.init_args"
+        return recipe_model(
+            "cifar10_gan",
+            f"{g}.width=64",
+            f"{g}.latent_dim=64",
+            f"{d}.width=64",
+            "--model.init_args.latent_dim=64",
+            "--model.init_args.nfk_num_samples=256",
+        ).nfk_energy()
+
+    def mlp():
         torch.manual_seed(0)
-        return GANEnergy(
-            DCGANDiscriminator(3, 64, 32),
-            DCGANGenerator(64, 3, 64, 32),
-            latent_dim=64,
-            num_samples=256,
-        )
-
-    def clf(factory):
-        def make():
-            torch.manual_seed(0)
-            return ClassifierEnergy(factory())
-
-        return make
+        return ClassifierEnergy(MLP())
 
     q = quick
     return [
-        ("LeNet-5", clf(LeNet5), "fashion", 256 if q else 1024, 32 if q else 128),
-        ("WRN-16-1", clf(lambda: WideResNet(16, 1)), "cifar", 128 if q else 512, 4 if q else 16),
-        ("MLP 784-256-256-10", clf(MLP), "fashion", 256 if q else 1024, 128 if q else 512),
+        (
+            "LeNet-5",
+            lambda: recipe_model("quickstart").nfk_energy(),
+            "fashion",
+            256 if q else 1024,
+            32 if q else 128,
+        ),
+        (
+            "WRN-16-1",
+            lambda: recipe_model("cifar10_wrn").nfk_energy(),
+            "cifar",
+            128 if q else 512,
+            4 if q else 16,
+        ),
+        ("MLP 784-256-256-10", mlp, "fashion", 256 if q else 1024, 128 if q else 512),
         ("DCGAN discriminator", gan, "cifar", 128 if q else 512, 8 if q else 32),
     ]
 
 
-def _data(kind: str, n: int, device):
+def data(kind: str, n: int, device):
     if kind == "fashion":
         x, _, src = fashion_mnist(n)
     else:
@@ -246,12 +279,12 @@ def _data(kind: str, n: int, device):
 def speed(args, device) -> dict:
     rows, out = [], {}
     repeats = 3 if args.quick else 5
-    for name, make, kind, n_b, n_m in _models(args.quick):
+    for name, make, kind, n_b, n_m in models(args.quick):
         energy = make()
         energy.module.to(device)
         for m in energy.auxiliary_modules():
             m.to(device)
-        x, src = _data(kind, n_b, device)
+        x, src = data(kind, n_b, device)
         op_b, w_b = operator(energy, "blocked", x)
         t_b = one_pass_time(op_b, w_b, x, 138, repeats, device) / n_b
         op_m, w_m = operator(energy, "matrix_free", x[:n_m])
@@ -305,10 +338,10 @@ def training(args, device) -> dict:
     rows, out = [], {}
     n = 256 if args.quick else 1024
     repeats = 3 if args.quick else 5
-    for name, make, kind, *_ in _models(args.quick)[:2]:
+    for name, make, kind, *_ in models(args.quick)[:2]:
         energy = make()
         net = energy.module.to(device)
-        x, src = _data(kind, n, device)
+        x, src = data(kind, n, device)
         y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0)).to(device)
 
         t_train = median_time(lambda: train_pass(net, x, y), repeats, device)  # noqa: B023
@@ -342,8 +375,7 @@ def exact(args, device) -> dict:
     n = 2**11 if args.quick else 2**14
     x, _, src = fashion_mnist(n)
     x = x.to(device)
-    torch.manual_seed(0)
-    energy = ClassifierEnergy(LeNet5().to(device))
+    energy = lenet_energy(device)
     t0 = time.perf_counter()
     nfk = LowRankNFK(energy, k=32, oversample=10, n_iter=4, strategy="blocked").fit(x)
     sync(device)
@@ -391,8 +423,7 @@ def scaling_child(n: int, device_name: str) -> None:
     device = torch.device(device_name)
     x, _, _ = fashion_mnist(n)
     x = x.to(device)
-    torch.manual_seed(0)
-    energy = ClassifierEnergy(LeNet5().to(device))
+    energy = lenet_energy(device)
     LowRankNFK(energy, k=16, oversample=10, n_iter=1, strategy="blocked").fit(x[:1024])  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

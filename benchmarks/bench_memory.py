@@ -43,7 +43,14 @@ def _rss() -> int:
 def one(case: str, quick: bool) -> dict[str, float]:
     import torch
 
-    from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK, NFKConfig, VAEEnergy, exact_nfk
+    from lightning_nfk.kernel import (
+        ClassifierEnergy,
+        LowRankNFK,
+        NFKConfig,
+        ScoreJacobian,
+        VAEEnergy,
+        exact_nfk,
+    )
     from lightning_nfk.kernel.memory import (
         activation_bytes,
         bytes_per_row,
@@ -51,7 +58,6 @@ def one(case: str, quick: bool) -> dict[str, float]:
         dense_peak_bytes,
         sketch_bytes,
     )
-    from lightning_nfk.kernel.per_example import ScoreJacobian
     from lightning_nfk.models import ConvVAE, LeNet5
 
     torch.manual_seed(0)

@@ -61,13 +61,13 @@ def main() -> None:
     assert targets.train is not None and targets.rms is not None
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(dm.dataset("train")), generator=g)[: a.examples]
-    clean = targets.train[idx] / targets.rms
+    clean = targets.standardized(targets.train[idx])
     augmented_set = dm.dataset("train", augment=True)
     torch.manual_seed(0)
     rows = []
     for _ in range(a.draws):
         x = torch.stack([augmented_set[int(i)][0] for i in idx])
-        rows.append(targets.embed(x) / targets.rms)
+        rows.append(targets.standardized(targets.embed(x)))
     aug = torch.cat(rows)
     clean_rep = clean.repeat(a.draws, 1)
     other = clean_rep.roll(1, dims=0)  # another image's clean target

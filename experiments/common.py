@@ -1,8 +1,9 @@
 """Shared pieces of the representation experiments (``experiments/*.py``).
 
-Everything here goes through the library's public API: the data modules, the
-LightningModules and networks of ``lightning_nfk.models``, ``LowRankNFK``, ``exact_nfk``,
-the spectrum metrics and the probe of ``lightning_nfk.kernel``. What this module adds is
+Everything here goes through the library's public API. The models, their data and their
+training come from the recipes (``lightning_nfk.cli.load_recipe``: one source of truth;
+what the experiments change is written beside each model as CLI overrides); the kernel,
+the spectrum metrics and the probe from ``lightning_nfk.kernel``. What this module adds is
 bookkeeping: command-line options, trained models cached on disk (so that the scripts
 share one GAN, one VAE and one classifier), feature extraction, JSON and plots.
 """
@@ -24,20 +25,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_nfk.callbacks.linear_probe import layer_outputs
-from lightning_nfk.data import CIFAR10DataModule, FashionMNISTDataModule
-from lightning_nfk.data.image_datamodule import ImageDataModule
+from lightning_nfk.callbacks import layer_outputs
+from lightning_nfk.cli import Recipe, load_recipe
+from lightning_nfk.data import ImageDataModule, balanced_label_indices
 from lightning_nfk.kernel import LowRankNFK, select_and_fit
-from lightning_nfk.models import (
-    ClassifierModule,
-    ConvVAE,
-    DCGANDiscriminator,
-    DCGANGenerator,
-    GANModule,
-    LeNet5,
-    VAEModule,
-    WideResNet,
-)
+from lightning_nfk.models import VAEModule
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,21 +130,92 @@ def _plain(o: object) -> object:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-# -- data -------------------------------------------------------------------------------------
-def fashion_mnist(run: Run, normalization: str, **kw: Any) -> ImageDataModule:
-    dm = FashionMNISTDataModule(
-        data_dir=run.args.data_dir, val_size=0, normalization=normalization, seed=0, **kw
-    )
-    dm.setup()
-    return dm
+# -- the models every script shares, built from the recipes ------------------------------------
+# name -> (recipe, what differs from it). Full mode trains as long as this CPU allows; quick
+# mode 1 epoch on 1,000 images. Every model is the recipe's own (same classes, same seed,
+# so the same initial weights); the differences are written here as CLI overrides.
+_G, _D = "--model.init_args.generator.init_args", "--model.init_args.discriminator.init_args"
+_SHARED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fmnist_gan": ("fashion_mnist_gan", ()),
+    "fmnist_gan_w32": ("fashion_mnist_gan", (f"{_G}.width=32", f"{_D}.width=32")),
+    "fmnist_vae": ("fashion_mnist_vae", ()),
+    "fmnist_lenet": ("quickstart", ()),
+    # the GPU recipe's design at the Fashion-MNIST recipe's width and latent size
+    "cifar_gan": (
+        "cifar10_gan",
+        (
+            f"{_G}.width=64",
+            f"{_G}.latent_dim=64",
+            f"{_D}.width=64",
+            "--model.init_args.latent_dim=64",
+            "--model.init_args.nfk_num_samples=2048",
+        ),
+    ),
+    "cifar_vae": ("cifar10_vae", ()),
+    # a constant learning rate of 0.05 for the few CPU epochs, no augmentation
+    "cifar_wrn": (
+        "cifar10_wrn",
+        (
+            "--model.init_args.optimizer.init_args.lr=0.05",
+            "--model.init_args.optimizer.init_args.nesterov=false",
+            "--model.init_args.scheduler=null",
+            "--data.init_args.augment=false",
+        ),
+    ),
+}
+_EPOCHS = {"fmnist_gan": 4, "fmnist_gan_w32": 4, "fmnist_vae": 8, "fmnist_lenet": 3}
 
 
-def cifar10(run: Run, normalization: str, **kw: Any) -> ImageDataModule | None:
-    if not run.args.cifar_dir:
+def model_spec(run: Run, name: str) -> dict[str, Any]:
+    """Recipe, overrides, training subset and epochs of a shared model: ``fmnist_gan``,
+    ``fmnist_gan_w32``, ``fmnist_vae``, ``fmnist_lenet``, ``cifar_gan``, ``cifar_vae``,
+    ``cifar_wrn``."""
+    recipe, overrides = _SHARED[name]
+    cifar = recipe.startswith("cifar10")
+    return {
+        "recipe": recipe,
+        "overrides": overrides,
+        "data": "cifar" if cifar else "fmnist",
+        "subset": run.pick(1000, 20000 if cifar else None),
+        "epochs": run.pick(1, _EPOCHS.get(name, 4)),
+    }
+
+
+def shared_recipe(run: Run, name: str, *extra: str) -> Recipe | None:
+    """The recipe of the shared model ``name`` as this CPU runs it: its model, its data
+    module (validation split 0, the training subset, no worker processes) and a bare
+    trainer (CPU, float32, no logger, callbacks or checkpoints); None for a CIFAR-10
+    model without ``--cifar-dir``."""
+    spec = model_spec(run, name)
+    data_dir = run.args.cifar_dir if spec["data"] == "cifar" else run.args.data_dir
+    if not data_dir:
         return None
-    dm = CIFAR10DataModule(
-        data_dir=run.args.cifar_dir, val_size=0, normalization=normalization, seed=0, **kw
+    subset = spec["subset"]
+    return load_recipe(
+        spec["recipe"],
+        *spec["overrides"],
+        f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.val_size=0",
+        "--data.init_args.num_workers=0",
+        f"--data.init_args.train_subset={'null' if subset is None else subset}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        f"--trainer.max_epochs={spec['epochs']}",
+        "--trainer.limit_val_batches=0",
+        *extra,
+        bare=True,
     )
+
+
+def data_for(run: Run, name: str) -> ImageDataModule | None:
+    """The shared model's data module, set up (None: CIFAR-10 without ``--cifar-dir``)."""
+    with torch.random.fork_rng(devices=[]):  # building the model draws: restore the RNG
+        recipe = shared_recipe(run, name, "--seed_everything=false")
+    if recipe is None:
+        return None
+    dm = recipe.datamodule
+    assert isinstance(dm, ImageDataModule)
     dm.setup()
     return dm
 
@@ -162,16 +225,12 @@ def tensors(
 ) -> tuple[Tensor, Tensor]:
     """Images and labels of a split (a seeded subset of ``n`` when given), un-augmented."""
     ds = dm.dataset(split, augment=False, with_index=False)
-    idx = torch.arange(len(ds))
-    if n is not None and n < len(ds):
-        idx = (
-            torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        )
-    xs, ys = zip(*(ds[int(i)] for i in idx))
-    return torch.stack(xs), torch.as_tensor(ys)
+    if n is None or n >= len(ds):
+        return ds.tensors()
+    g = torch.Generator().manual_seed(seed)
+    return ds.tensors(torch.randperm(len(ds), generator=g)[:n].sort().values)
 
 
-# -- trained models, cached -------------------------------------------------------------------
 class _SaveAt(pl.Callback):
     def __init__(self, epochs: Sequence[int], path: Callable[[int], Path]) -> None:
         self.epochs, self.path = set(epochs), path
@@ -182,147 +241,32 @@ class _SaveAt(pl.Callback):
             torch.save(pl_module.state_dict(), self.path(e))
 
 
-def trained(
-    run: Run,
-    name: str,
-    make: Callable[[], pl.LightningModule],
-    dm: ImageDataModule,
-    epochs: int,
-    *,
-    at: int | None = None,
-    keep: Sequence[int] = (),
-) -> pl.LightningModule:
-    """``make()`` trained ``epochs`` epochs on ``dm`` (seed 0), in eval mode; with ``at``, the
-    state after epoch ``at`` (0: the initialisation). Every epoch in ``keep`` is saved on the
-    way, so later calls load instead of training."""
+def shared_model(run: Run, name: str, at: int | None = None) -> pl.LightningModule:
+    """The shared model ``name`` (see :func:`model_spec`), trained by its recipe's trainer,
+    after ``at`` epochs (default: all; 0: at initialisation), in eval mode. Epoch 1 and the
+    last are cached on the way, so later calls load instead of training."""
+    spec = model_spec(run, name)
+    epochs = spec["epochs"]
     at = epochs if at is None else at
 
     def path(e: int) -> Path:
         return run.cache / f"{name}-e{e}-of{epochs}.pt"
 
-    pl.seed_everything(0, verbose=False)
-    module = make()
+    recipe = shared_recipe(run, name)  # seeds as `lightning-nfk fit` does
+    if recipe is None:
+        raise RuntimeError(f"{name} needs --cifar-dir")
+    module = recipe.model
     if at == 0:
         return module.eval()
     if not path(at).exists():
-        run.log(f"training {name} for {epochs} epochs")
+        run.log(f"training {name} ({spec['recipe']}) for {epochs} epochs")
         t = time.time()
-        trainer = pl.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[_SaveAt({*keep, epochs}, path)],
-        )
-        trainer.fit(module, train_dataloaders=dm.train_dataloader())
+        recipe.trainer.callbacks.append(_SaveAt({1, epochs}, path))
+        recipe.trainer.fit(module, datamodule=recipe.datamodule)
         run.log(f"trained {name} in {time.time() - t:.0f} s")
         run.results.setdefault("training_s", {})[name] = round(time.time() - t, 1)
     module.load_state_dict(torch.load(path(at), weights_only=True))
     return module.eval()
-
-
-def lenet_classifier() -> ClassifierModule:
-    return ClassifierModule(LeNet5(in_channels=1, num_classes=10, image_size=28))
-
-
-def wrn16_1_classifier() -> ClassifierModule:
-    return ClassifierModule(
-        WideResNet(depth=16, widen_factor=1, num_classes=10),
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    )
-
-
-def dcgan(
-    channels: int, image_size: int, width: int = 64, latent_dim: int = 64
-) -> Callable[[], GANModule]:
-    def make() -> GANModule:
-        return GANModule(
-            DCGANGenerator(
-                latent_dim=latent_dim, channels=channels, width=width, image_size=image_size
-            ),
-            DCGANDiscriminator(channels=channels, width=width, image_size=image_size),
-            latent_dim=latent_dim,
-            nfk_num_samples=2048,
-        )
-
-    return make
-
-
-def conv_vae(
-    channels: int, image_size: int, latent_dim: int, width: int, **kw: Any
-) -> Callable[[], VAEModule]:
-    def make() -> VAEModule:
-        return VAEModule(
-            ConvVAE(channels=channels, latent_dim=latent_dim, width=width, image_size=image_size),
-            optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
-            **kw,
-        )
-
-    return make
-
-
-# -- the models every script shares (full mode: as long as this CPU allows; quick: 1 epoch
-# on 1,000 images) --------------------------------------------------------------------------
-def model_spec(run: Run, name: str) -> dict[str, Any]:
-    """Data, factory and epochs of a shared model: ``fmnist_gan``, ``fmnist_gan_w32``,
-    ``fmnist_vae``, ``fmnist_lenet``, ``cifar_gan``, ``cifar_vae``, ``cifar_wrn``."""
-    subset = run.pick(1000, None)
-    fm = {"data": "fmnist", "subset": subset}
-    cf = {"data": "cifar", "subset": run.pick(1000, 20000)}
-    specs = {
-        "fmnist_gan": {**fm, "norm": "symmetric", "make": dcgan(1, 28), "epochs": run.pick(1, 4)},
-        "fmnist_gan_w32": {
-            **fm,
-            "norm": "symmetric",
-            "make": dcgan(1, 28, width=32),
-            "epochs": run.pick(1, 4),
-        },
-        "fmnist_vae": {
-            **fm,
-            "norm": "none",
-            "make": conv_vae(1, 28, 16, 32),
-            "epochs": run.pick(1, 8),
-        },
-        "fmnist_lenet": {
-            **fm,
-            "norm": "standard",
-            "make": lenet_classifier,
-            "epochs": run.pick(1, 3),
-        },
-        "cifar_gan": {**cf, "norm": "symmetric", "make": dcgan(3, 32), "epochs": run.pick(1, 4)},
-        "cifar_vae": {
-            **cf,
-            "norm": "none",
-            "make": conv_vae(3, 32, 128, 64, likelihood="gaussian", gaussian_std=0.1),
-            "epochs": run.pick(1, 4),
-        },
-        "cifar_wrn": {
-            **cf,
-            "norm": "standard",
-            "make": wrn16_1_classifier,
-            "epochs": run.pick(1, 4),
-        },
-    }
-    return specs[name]
-
-
-def data_for(run: Run, name: str) -> ImageDataModule | None:
-    spec = model_spec(run, name)
-    load = fashion_mnist if spec["data"] == "fmnist" else cifar10
-    return load(run, spec["norm"], train_subset=spec["subset"])
-
-
-def shared_model(run: Run, name: str, at: int | None = None) -> pl.LightningModule:
-    """The shared model ``name`` (see :func:`model_spec`) after ``at`` epochs (default: all;
-    0: at initialisation); epoch 1 is kept for the training-length comparisons."""
-    spec = model_spec(run, name)
-    dm = data_for(run, name)
-    if dm is None:
-        raise RuntimeError(f"{name} needs --cifar-dir")
-    return trained(run, name, spec["make"], dm, spec["epochs"], at=at, keep=(1,))
 
 
 # -- features and probes ----------------------------------------------------------------------
@@ -368,8 +312,6 @@ def probe(
 
 def balanced(y: Tensor, n: int, seed: int) -> Tensor:
     """``n`` indices of ``y``, ``n / 10`` per class, seeded."""
-    from lightning_nfk.data.image_datamodule import balanced_label_indices
-
     return balanced_label_indices(y, n, seed)
 
 

@@ -16,11 +16,12 @@ import csv
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
@@ -183,17 +184,93 @@ def _no_last(subcommand: str, why: str) -> None:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI (``args`` defaults to ``sys.argv[1:]``); subcommands fit, validate,
-    test; ``run=False`` only parses and instantiates (no subcommand in ``args`` then)."""
+    test; ``run=False`` only parses and instantiates (no subcommand in ``args`` then, and
+    no ``config.yaml`` is saved: there is no run folder)."""
     return NFKCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveConfigCallback if run else None,
         args=args,
         run=run,
         auto_configure_optimizers=False,
     )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe's objects, built as ``lightning-nfk fit --config <path> <overrides>`` builds
+    them (see :func:`load_recipe`)."""
+
+    path: Path
+    model: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    trainer: pl.Trainer
+
+
+# the recipes of a source checkout: <repo>/recipes/*.yaml
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_path(recipe: str | os.PathLike) -> Path:
+    """``recipe`` as a file: a path to a YAML config, or the name of one of the checkout's
+    recipes (``"fashion_mnist_gan"`` is ``recipes/fashion_mnist_gan.yaml``).
+
+    Raises:
+        FileNotFoundError: naming the recipe and where it was looked for.
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    # a bare name (no folder): the checkout's recipe of that name
+    named = RECIPES / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and named.is_file():
+        return named
+    raise FileNotFoundError(
+        f"recipe={str(recipe)!r}: no such file, and no recipe of that name in {RECIPES}"
+    )
+
+
+# what ``bare=True`` turns off: everything a script that trains and measures a recipe's
+# model itself does not want (files written, callbacks' fits, console output)
+BARE_TRAINER = (
+    "--trainer.logger=false",
+    "--trainer.callbacks=[]",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+)
+
+
+def load_recipe(recipe: str | os.PathLike, *overrides: str, bare: bool = False) -> Recipe:
+    """The model, data module and trainer a recipe defines, built by the CLI's own parser
+    (``overrides`` are command-line arguments, e.g. ``"--trainer.max_epochs=2"``,
+    ``"--data.init_args.train_subset=1000"``), without running anything: what scripts use
+    to train or study exactly the model a recipe trains. The recipe's ``seed_everything``
+    seeds the process before the model is built, as ``lightning-nfk fit`` does
+    (``"--seed_everything=false"`` leaves the random state alone). No run folder is claimed
+    and no config saved; the recipe's logger writes once a fit logs.
+
+    Args:
+        recipe: a YAML path or a recipe's name (see :func:`recipe_path`).
+        overrides: CLI arguments applied after the recipe, in order.
+        bare: the trainer without the recipe's logger, callbacks, checkpoints, progress bar
+            and model summary (:data:`BARE_TRAINER`, applied before ``overrides``).
+
+    Example::
+
+        r = load_recipe("fashion_mnist_gan", "--trainer.max_epochs=1", bare=True)
+        r.trainer.fit(r.model, datamodule=r.datamodule)
+        energy = r.model.nfk_energy()
+    """
+    path = recipe_path(recipe)
+    args = ["--config", str(path), *(BARE_TRAINER if bare else ()), *overrides]
+    with warnings.catch_warnings():  # the calling script's own sys.argv is not the CLI's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = build_cli(args, run=False)
+    return Recipe(path, cli.model, cli.datamodule, cli.trainer)
 
 
 def main() -> None:
@@ -204,7 +281,17 @@ def main() -> None:
         sys.exit(f"lightning-nfk: error: {e}")
 
 
-__all__ = ["NFKCLI", "assign_run_folder", "build_cli", "main", "restore_metrics"]
+__all__ = [
+    "BARE_TRAINER",
+    "NFKCLI",
+    "Recipe",
+    "assign_run_folder",
+    "build_cli",
+    "load_recipe",
+    "main",
+    "recipe_path",
+    "restore_metrics",
+]
 
 
 if __name__ == "__main__":

@@ -87,9 +87,9 @@ class NFKSpectrumCallback(Callback):
             all with the statistics pass, 2 when ``auto`` picks ``dense`` for a small probe
             set). Enough for monitoring: the top
             eigenvalues converge first; raise it (and ``oversample``) for precise tails.
-        probe_size: examples in the probe set (default 512). At the defaults the fit
-            adds 6-8% to a Fashion-MNIST LeNet-5 epoch on a 2-core Xeon, 14-18% on a
-            2-core AMD EPYC (BENCHMARKS.md).
+        probe_size: examples in the probe set (default 512). The fit's cost grows with
+            ``probe_size`` and ``n_iter``; BENCHMARKS.md ("NFKSpectrumCallback overhead")
+            has it measured against a training epoch.
         probe_split: ``"train"`` or ``"val"``.
         every_n_epochs: fit after every n-th training epoch.
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the

@@ -189,6 +189,52 @@ def _decode(path: Path, mode) -> Tensor:
     return image
 
 
+def _check_scan(
+    folder: Path,
+    found: tuple[str, ...],
+    per_class: list[list[Path]],
+    unsupported: list[Path],
+    empty: list[Path],
+    others: list[list[Path]],
+) -> None:
+    """Refuse a scanned folder that cannot be read whole (formats torchvision cannot decode,
+    empty files, a class without images), before any decoding; warn once of what is
+    skipped."""
+    if unsupported:
+        counts = Counter(p.suffix.lower() for p in unsupported)
+        kinds = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        files = "file is" if len(unsupported) == 1 else "files are"
+        raise ValueError(
+            f"{len(unsupported)} {files} in {str(folder)!r} in image formats torchvision "
+            f"cannot decode ({kinds}): {_listed(unsupported)}. Only {_FORMATS_ALL} images "
+            f"({'/'.join(IMAGE_SUFFIXES)}) are read. To fix: convert them to PNG (lossless) "
+            "and remove the originals, e.g. with Pillow, "
+            "`Image.open(p).convert('RGB').save(p.with_suffix('.png'))`, or ImageMagick, "
+            f"`mogrify -format png *{unsupported[0].suffix}` in each class folder."
+        )
+    if empty:
+        raise ValueError(
+            f"{len(empty)} empty (0-byte) image file{'s' if len(empty) > 1 else ''} in {str(folder)!r}: {_listed(empty)} "
+            "(an interrupted copy or download?). To fix: re-copy them, or delete them."
+        )
+    for name, files, other in zip(found, per_class, others):
+        if not files:
+            also = f"; it holds only {_listed(other)}" if other else ""
+            raise FileNotFoundError(
+                f"No {'/'.join(IMAGE_SUFFIXES)} images in {str(folder / name)!r}{also}."
+            )
+    skipped = [p for other in others for p in other]
+    if skipped:
+        entries = "entry" if len(skipped) == 1 else "entries"
+        warnings.warn(
+            f"{len(skipped)} {entries} in {str(folder)!r} not read (not a "
+            f"{'/'.join(IMAGE_SUFFIXES)} image, or a sub-folder, which is not searched), "
+            f"e.g. {_listed(skipped)}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def read_image_folder(
     folder: str | Path,
     classes: tuple[str, ...] | None = None,
@@ -232,39 +278,7 @@ def read_image_folder(
             f"{str(folder)!r} must hold one folder per class, {list(classes)}; found {list(found)}."
         )
     per_class, unsupported, empty, others = _scan(folder, found)
-    if unsupported:
-        counts = Counter(p.suffix.lower() for p in unsupported)
-        kinds = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        files = "file is" if len(unsupported) == 1 else "files are"
-        raise ValueError(
-            f"{len(unsupported)} {files} in {str(folder)!r} in image formats torchvision "
-            f"cannot decode ({kinds}): {_listed(unsupported)}. Only {_FORMATS_ALL} images "
-            f"({'/'.join(IMAGE_SUFFIXES)}) are read. To fix: convert them to PNG (lossless) "
-            "and remove the originals, e.g. with Pillow, "
-            "`Image.open(p).convert('RGB').save(p.with_suffix('.png'))`, or ImageMagick, "
-            f"`mogrify -format png *{unsupported[0].suffix}` in each class folder."
-        )
-    if empty:
-        raise ValueError(
-            f"{len(empty)} empty (0-byte) image file{'s' if len(empty) > 1 else ''} in {str(folder)!r}: {_listed(empty)} "
-            "(an interrupted copy or download?). To fix: re-copy them, or delete them."
-        )
-    for name, files, other in zip(found, per_class, others):
-        if not files:
-            also = f"; it holds only {_listed(other)}" if other else ""
-            raise FileNotFoundError(
-                f"No {'/'.join(IMAGE_SUFFIXES)} images in {str(folder / name)!r}{also}."
-            )
-    skipped = [p for other in others for p in other]
-    if skipped:
-        entries = "entry" if len(skipped) == 1 else "entries"
-        warnings.warn(
-            f"{len(skipped)} {entries} in {str(folder)!r} not read (not a "
-            f"{'/'.join(IMAGE_SUFFIXES)} image, or a sub-folder, which is not searched), "
-            f"e.g. {_listed(skipped)}.",
-            UserWarning,
-            stacklevel=2,
-        )
+    _check_scan(folder, found, per_class, unsupported, empty, others)
     mode = ImageReadMode.UNCHANGED
     if shape is not None:
         mode = ImageReadMode.GRAY if shape[0] == 1 else ImageReadMode.RGB

@@ -31,7 +31,7 @@ from lightning_nfk.kernel.linear_probe import (
     fit_logistic_regression,
     select_and_fit,
 )
-from lightning_nfk.kernel.low_rank_nfk import LowRankNFK, NFKFit
+from lightning_nfk.kernel.low_rank_nfk import LowRankNFK
 from lightning_nfk.kernel.metrics import (
     components_for,
     cumulative_explained_variance,
@@ -39,6 +39,7 @@ from lightning_nfk.kernel.metrics import (
     stable_rank,
     subspace_drift,
 )
+from lightning_nfk.kernel.nfk_state import NFKFit
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.precision import kernel_mode
 from lightning_nfk.kernel.preparation import prepare_fisher_vectors, working_energy

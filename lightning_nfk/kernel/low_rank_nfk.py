@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,13 +23,20 @@ from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.fisher_vectors import FisherVectors, PassResult, Progress
 from lightning_nfk.kernel.linalg import exact_decomposition, frobenius_squared, gather_rows
+from lightning_nfk.kernel.nfk_state import (
+    STATE_VERSION,
+    NFKFit,
+    check_state,
+    check_tensors,
+    migrate,
+)
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.precision import kernel_mode
 from lightning_nfk.kernel.preparation import prepare_fisher_vectors, working_energy
 from lightning_nfk.kernel.randomized_svd import subspace_iteration
 
-_STATE_VERSION = 3  # 3: the snapshot keyed by the module's own parameter names
-_READABLE = (2, 3)
+# Above 400 lines for a reason: the fit's results are explicit properties (one per NFKFit
+# field, visible to IDEs and type checkers), about 80 of them.
 
 
 class LowRankNFK:
@@ -384,7 +390,7 @@ class LowRankNFK:
         ``weights_only``-loadable)."""
         op = self._fitted_operator()
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "energy": type(self.energy).__name__,
             "energy_settings": self.energy.settings(),
             "config": self.config.as_dict(),
@@ -400,12 +406,12 @@ class LowRankNFK:
             ValueError: a state of another energy class, or parameters whose names, shapes
                 or dtypes differ from the energy's module.
         """
-        _check_state(state, self.energy)
-        state = _migrate(state)
+        check_state(state, self.energy)
+        state = migrate(state)
         self.config = NFKConfig.from_dict(state["config"])
         jac = ScoreJacobian(working_energy(self.energy, self.config.dtype))
-        _check_tensors("parameter", state["theta"], jac.theta)
-        _check_tensors("buffer or frozen parameter", state["constants"], jac.constants)
+        check_tensors("parameter", state["theta"], jac.theta)
+        check_tensors("buffer or frozen parameter", state["constants"], jac.constants)
         jac.theta = {name: t.to(jac.device) for name, t in state["theta"].items()}
         jac.constants = {name: t.to(jac.device) for name, t in state["constants"].items()}
         fit = NFKFit(**state["result"])
@@ -439,7 +445,7 @@ class LowRankNFK:
             raise ValueError(
                 f"{os.fspath(path)!r} is not a file saved by LowRankNFK.save: {e!r}"
             ) from e
-        _check_state(state, energy, path)
+        check_state(state, energy, path)
         nfk = cls(energy)
         nfk.load_state_dict(state)
         return nfk
@@ -447,121 +453,3 @@ class LowRankNFK:
     def __repr__(self) -> str:
         fitted = f", N={self.num_examples}, P={self.num_parameters}" if self.is_fitted else ""
         return f"LowRankNFK({self.energy!r}, {self.config}{fitted})"
-
-
-@dataclass(frozen=True)
-class NFKFit:
-    """What :meth:`LowRankNFK.fit` computed; each field and property is also an attribute of
-    the :class:`LowRankNFK`.
-
-    Attributes:
-        singular_values: (k,) singular values :math:`\\sigma_i` of :math:`V`, descending.
-        components: (P, k) right singular vectors :math:`P` (orthonormal columns), on the
-            kernel module's device in the compute dtype (also after ``load``).
-        residuals: (k,) relative residuals :math:`\\|V^\\top V p_i - \\sigma_i^2 p_i\\| /
-            \\sigma_i^2`, a computable bound on each eigenvalue's relative error (zeros for
-            ``dense``, NaN for ``n_iter = 0``).
-        total_variance: :math:`\\|V\\|_F^2 = \\operatorname{tr} K` (0-dim float64 tensor).
-        total_variance_is_exact: False when :math:`\\|V\\|_F^2` is Hutchinson's estimate
-            from the sketch (``matrix_free`` with an energy whose statistics do not cover the
-            fitting data).
-        num_examples: N, the number of fitting examples over all processes.
-        num_parameters: P = |theta|.
-        strategy: the strategy ``fit`` ran (``auto`` resolved); ``strategy_used`` on
-            :class:`LowRankNFK`.
-        mean_score: (P,) mean score :math:`z`, or None when the energy does not centre.
-        fisher_diagonal: (P,) diagonal Fisher :math:`I` (float64), or None when the energy
-            does not normalise.
-    """
-
-    singular_values: Tensor
-    components: Tensor
-    residuals: Tensor
-    total_variance: Tensor
-    total_variance_is_exact: bool
-    num_examples: int
-    num_parameters: int
-    strategy: str
-    mean_score: Tensor | None
-    fisher_diagonal: Tensor | None
-
-    @property
-    def eigenvalues(self) -> Tensor:
-        """(k,) kernel operator eigenvalues :math:`\\lambda_i = \\sigma_i^2 / N` (Eq. 5)."""
-        return self.singular_values.square() / self.num_examples
-
-    @property
-    def gram_eigenvalues(self) -> Tensor:
-        """(k,) eigenvalues :math:`\\Lambda_i = \\sigma_i^2` of the Gram matrix :math:`V V^\\top`."""
-        return self.singular_values.square()
-
-    @property
-    def explained_variance_ratio(self) -> Tensor:
-        """(k,) :math:`\\sigma_i^2 / \\|V\\|_F^2` per component (sklearn's convention)."""
-        return self.gram_eigenvalues / self.total_variance
-
-
-def _migrate(state: dict[str, Any]) -> dict[str, Any]:
-    """A state of an earlier format in the current one. Version 2 keyed the snapshot by
-    the names of an internal wrapper (``net.`` before the module's names)."""
-    if state["version"] == 2:
-        state = {**state, "version": _STATE_VERSION}
-        for part in ("theta", "constants"):
-            state[part] = {n.removeprefix("net."): t for n, t in state[part].items()}
-    return state
-
-
-def _check_state(state: object, energy: Energy, path: object = "the state") -> None:
-    keys = {"version", "energy", "config", "theta", "constants", "result"}
-    if isinstance(state, dict) and state.get("version", _STATE_VERSION) not in _READABLE:
-        raise ValueError(
-            f"{path} has format version {state['version']}; this lightning-nfk reads versions "
-            f"{' and '.join(map(str, _READABLE))}: fit again and save."
-        )
-    if not isinstance(state, dict) or not keys <= set(state):
-        found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
-            f"{path} is not a saved LowRankNFK (expected keys {sorted(keys)}, found {found}); "
-            "a model's state_dict is loaded with module.load_state_dict, not LowRankNFK.load."
-        )
-    if state["energy"] != type(energy).__name__:
-        raise ValueError(
-            f"{path} was saved for a {state['energy']}, not a {type(energy).__name__}: its "
-            "centring and Fisher would not be this energy's."
-        )
-    saved, current = state.get("energy_settings"), energy.settings()
-    if saved is None and current != Energy.settings(energy):
-        raise ValueError(
-            f"{path} does not record the {type(energy).__name__} settings it was fitted with "
-            f"(saved by an older lightning-nfk), so it cannot be checked against {current}: "
-            "fit again and save."
-        )
-    if saved is not None and saved != current:
-        diff = [k for k in dict.fromkeys([*saved, *current]) if saved.get(k) != current.get(k)]
-        said = ", ".join(f"{k}={saved.get(k)!r} (the energy has {current.get(k)!r})" for k in diff)
-        # a `*_version` setting is how the score is computed, not an option one can pass
-        cure = (
-            "it was fitted by an older lightning-nfk: fit again and save"
-            if any(k.endswith("_version") for k in diff)
-            else "build the energy with the saved settings"
-        )
-        raise ValueError(
-            f"{path} was fitted with another {type(energy).__name__}: {said}. Its components "
-            f"would embed another score function; {cure}."
-        )
-
-
-def _check_tensors(what: str, saved: dict[str, Tensor], current: dict[str, Tensor]) -> None:
-    if list(saved) != list(current):
-        raise ValueError(
-            f"The saved {what}s do not match the energy's module: saved {list(saved)[:4]}..., "
-            f"the module has {list(current)[:4]}...."
-        )
-    for name, t in saved.items():
-        if t.shape != current[name].shape or t.dtype != current[name].dtype:
-            raise ValueError(
-                f"The saved {what} {name!r} has shape "
-                f"{tuple(t.shape)} and dtype {t.dtype}; the energy's module has "
-                f"{tuple(current[name].shape)} and {current[name].dtype} (another architecture "
-                "or number of classes?)."
-            )

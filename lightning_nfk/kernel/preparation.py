@@ -157,13 +157,9 @@ def _prepare(
 ) -> FisherVectors:
     jac = ScoreJacobian(energy)
     n_local = count_examples(data)
-    rank, world = rank_and_world_size()
-    # N and the smallest memory budget of all ranks (the same strategy everywhere)
-    budget = options.memory_budget or device_budget(jac.device, processes_per_host=world)
-    shared = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
-    shared[0], shared[1 + rank] = n_local, budget
-    shared = reduce(shared).tolist()
-    n, p, budget = int(shared[0]), jac.num_parameters, int(min(shared[1:]))
+    _, world = rank_and_world_size()
+    n, budget = _shared_sizes(jac, n_local, options, reduce)
+    p = jac.num_parameters
     if n == 0:
         raise ValueError("`data` is empty: the NFK needs at least one fitting example.")
     if sketch is not None:
@@ -189,22 +185,7 @@ def _prepare(
     _resolve_strategy(
         options, passes, n, p, jac.dtype.itemsize, budget, operator("blocked", budget), world
     )
-    error, activations = None, 0
-    if n_local > 0:  # checks of this rank's data; every rank learns of a refusal
-        try:
-            check_same_examples(data)
-            activations = _check_energy(jac, data)
-        except (ValueError, TypeError) as e:
-            error = e
-    # refusals, and the largest activations of all ranks (the same sizing everywhere)
-    checked = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
-    checked[0], checked[1 + rank] = float(error is not None), activations
-    checked = reduce(checked).tolist()
-    if error is not None:
-        raise error
-    if checked[0] > 0:
-        raise ValueError("Another process refused its shard of the fitting data (see its error).")
-    activations = int(max(checked[1:]))
+    activations = _checked_activations(jac, data, n_local, reduce)
     block = operator("blocked", budget, activations)
     strategy = _resolve_strategy(options, passes, n, p, jac.dtype.itemsize, budget, block, world)
     if strategy == "dense":  # the gradient blocks get what V leaves
@@ -220,6 +201,41 @@ def _prepare(
             "zero. Does the energy depend on the kernel module's parameters?"
         )
     return op
+
+
+def _shared_sizes(
+    jac: ScoreJacobian, n_local: int, options: OperatorOptions, reduce: Reduce
+) -> tuple[int, int]:
+    """N over all ranks and the smallest memory budget of all ranks (one collective), so
+    that every rank sizes and picks the same strategy."""
+    rank, world = rank_and_world_size()
+    budget = options.memory_budget or device_budget(jac.device, processes_per_host=world)
+    shared = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
+    shared[0], shared[1 + rank] = n_local, budget
+    shared = reduce(shared).tolist()
+    return int(shared[0]), int(min(shared[1:]))
+
+
+def _checked_activations(jac: ScoreJacobian, data: Data, n_local: int, reduce: Reduce) -> int:
+    """Check this rank's data (the same examples in every pass, a score the energy can
+    differentiate) and return the largest activations of all ranks (one collective: the
+    same sizing everywhere). Every rank raises when any rank refused its shard."""
+    rank, world = rank_and_world_size()
+    error, activations = None, 0
+    if n_local > 0:
+        try:
+            check_same_examples(data)
+            activations = _check_energy(jac, data)
+        except (ValueError, TypeError) as e:
+            error = e
+    checked = torch.zeros(1 + world, dtype=torch.float64, device=jac.device)
+    checked[0], checked[1 + rank] = float(error is not None), activations
+    checked = reduce(checked).tolist()
+    if error is not None:
+        raise error
+    if checked[0] > 0:
+        raise ValueError("Another process refused its shard of the fitting data (see its error).")
+    return int(max(checked[1:]))
 
 
 def _resolve_strategy(

@@ -167,21 +167,8 @@ class NFKDistillationModule(pl.LightningModule):
         options = {name: value for name, value in locals().items() if name in _TERM_OPTIONS}
         term = _make_term(mode, options)
         check_int("num_classes", num_classes, 2)
-        if alpha is None:
-            alpha = 1.0 if term is None else term.default_alpha
-        if not (is_number(alpha) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
-        if term is None and alpha != 1.0:
-            raise ValueError(f"`alpha` must be 1 (or None) for mode='none', got {alpha!r}.")
-        for name, net in (("student", student), ("teacher", teacher)):
-            if not isinstance(net, nn.Module):
-                raise TypeError(f"`{name}` must be an nn.Module, got {type(net).__name__}.")
-        fc = getattr(student, "fc", None)
-        if not (callable(getattr(student, "features", None)) and isinstance(fc, nn.Linear)):
-            raise TypeError(
-                f"`student` ({type(student).__name__}) must have a method `features(x) -> "
-                "(B, d)` and a linear classifier `fc` applied to them, as WideResNet has."
-            )
+        alpha = _checked_alpha(alpha, term)
+        _check_networks(student, teacher)
         teacher_file = None
         if teacher_checkpoint is not None:
             teacher_file = resolve_checkpoint(teacher_checkpoint, "`teacher_checkpoint`")
@@ -360,6 +347,30 @@ class NFKDistillationModule(pl.LightningModule):
         key = None if self.term is None else self.term.checkpoint_key
         if key is not None:
             self.term.load_checkpoint_state(checkpoint.get(key))
+
+
+def _checked_alpha(alpha: float | None, term: DistillationTerm | None) -> float:
+    """``alpha``, or the term's default for None; in [0, 1], and 1 without a term."""
+    if alpha is None:
+        alpha = 1.0 if term is None else term.default_alpha
+    if not (is_number(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+    if term is None and alpha != 1.0:
+        raise ValueError(f"`alpha` must be 1 (or None) for mode='none', got {alpha!r}.")
+    return float(alpha)
+
+
+def _check_networks(student: nn.Module, teacher: nn.Module) -> None:
+    """Both networks are modules; the student has ``features`` and a linear ``fc``."""
+    for name, net in (("student", student), ("teacher", teacher)):
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"`{name}` must be an nn.Module, got {type(net).__name__}.")
+    fc = getattr(student, "fc", None)
+    if not (callable(getattr(student, "features", None)) and isinstance(fc, nn.Linear)):
+        raise TypeError(
+            f"`student` ({type(student).__name__}) must have a method `features(x) -> "
+            "(B, d)` and a linear classifier `fc` applied to them, as WideResNet has."
+        )
 
 
 # The module's arguments that configure the short forms of the terms (mode="nfkd" | "kd").

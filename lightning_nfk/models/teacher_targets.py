@@ -48,6 +48,9 @@ from lightning_nfk.trainer_utils import (
     strategy_sum,
 )
 
+# Above 400 lines for a reason: the cache (its signature, fingerprint and refusal of files
+# it did not write) belongs with the targets it holds; its functions are about 120 of them.
+
 # A cache file is a dict signed with this format name: the library replaces a file only
 # when it carries the signature (or is a cache of the unsigned first version).
 _CACHE_FORMAT = "lightning-nfk teacher NFK cache"
@@ -86,9 +89,8 @@ def data_fingerprint(dataset: Any) -> str:
 
     Decides whether a cache or a checkpoint's tables were fitted on this data, so it reads
     all of it: one changed pixel or label gives another fingerprint. A dataset with a
-    ``fingerprint()`` method (the lightning_nfk data modules' datasets: a hash of the
-    in-memory uint8 images, labels and normalisation: 0.08 s for CIFAR-10's 45,000 training
-    images on a 2-core Xeon) answers
+    ``fingerprint()`` method (the lightning_nfk data modules' datasets: one hash over the
+    in-memory uint8 images, labels and normalisation, far cheaper than a pass) answers
     itself; any other is read item by item once (one pass over the data, without the
     model).
     """
@@ -199,10 +201,39 @@ class TeacherTargets:
                     val_local = nfk.transform(self._shard_loader(trainer, val_set, batch_size))
                     val = gather_rows(val_local.to(device), reduce)
             train = gather_rows(local.to(device), reduce)
-        self.nfk, self.train, self.val = nfk, train, val
-        self.rms = (nfk.singular_values.double() / nfk.num_examples**0.5).float().to(device)
-        self.fingerprint = fingerprint if fingerprint is not None else data_fingerprint(train_set)
+        fingerprint = fingerprint if fingerprint is not None else data_fingerprint(train_set)
+        self.use_fit(nfk, train, val, fingerprint)
         self.seconds = time.perf_counter() - start
+
+    def use_fit(
+        self,
+        nfk: LowRankNFK,
+        train: Tensor,
+        val: Tensor | None = None,
+        fingerprint: str | None = None,
+    ) -> TeacherTargets:
+        """Hold a fit: the fitted ``nfk`` and its embeddings of the training split
+        (``train``, (N, k), row i for training example i) and of the validation split;
+        the scale (:math:`\\sigma_i / \\sqrt{N}`) is derived from the fit here, on the
+        tables' device. What :meth:`fit` ends with; also for a fit made elsewhere (a
+        script that fits the teacher's NFK itself). Returns self.
+
+        Raises:
+            ValueError: ``nfk`` is not fitted, or a table is not (rows, k).
+        """
+        if not nfk.is_fitted:
+            raise ValueError("`nfk` must be fitted: call nfk.fit(...) first.")
+        k = nfk.config.k
+        for name, table in (("train", train), ("val", val)):
+            if table is not None and (table.ndim != 2 or table.shape[1] != k):
+                raise ValueError(
+                    f"`{name}` must be (rows, k={k}) embeddings, got shape {tuple(table.shape)}."
+                )
+        self.nfk, self.train, self.val = nfk, train, val
+        scale = nfk.singular_values.double() / nfk.num_examples**0.5
+        self.rms = scale.float().to(train.device)
+        self.fingerprint = fingerprint
+        return self
 
     @staticmethod
     def _shard_loader(trainer: pl.Trainer, dataset: Any, batch_size: int) -> DataLoader:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_nfk.callbacks import LinearProbeCallback
-from lightning_nfk.callbacks.linear_probe import _check_gathered, _gather_features
+from lightning_nfk.callbacks.probe_features import check_gathered, gather_features
 from lightning_nfk.models import ClassifierModule, GANModule
 from lightning_nfk.trainer_utils import strategy_sum
 from tests.helpers.data import RandomImageDataModule
@@ -199,11 +199,11 @@ def test_one_class_in_the_label_budget_selection(tmp_path):
 def test_gathered_features_must_be_2d_with_one_row_per_example():
     y = torch.arange(6) % 2
     with pytest.raises(ValueError, match=r"one row per example.*5 rows for 6 examples"):
-        _check_gathered("'head'", 0, {"validation": (torch.zeros(5, 3), y)})
+        check_gathered("'head'", 0, {"validation": (torch.zeros(5, 3), y)})
     with pytest.raises(ValueError, match=r"\(B, d\).*shape \(6,\)"):
-        _check_gathered("'head'", 0, {"validation": (torch.zeros(6), y)})
+        check_gathered("'head'", 0, {"validation": (torch.zeros(6), y)})
     with pytest.raises(ValueError, match=r"the same width in both splits.*4 and 3"):
-        _check_gathered(
+        check_gathered(
             "'head'",
             0,
             {"labelled training": (torch.zeros(6, 4), y), "validation": (torch.zeros(6, 3), y)},
@@ -422,35 +422,35 @@ def _ranks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         # rank 1's own output check failed: both ranks raise, neither waits in the gather
         problem = TypeError("`features` (callable f) must output a Tensor, got list.")
         try:
-            _gather_features(
+            gather_features(
                 "callable f", torch.ones(3, 2), problem if rank else None, reduce, "cpu"
             )
         except TypeError as e:
             out["problem"] = str(e)
         # different widths on the two ranks: refused on both
         try:
-            _gather_features("callable f", torch.ones(3, 2 + rank), None, reduce, "cpu")
+            gather_features("callable f", torch.ones(3, 2 + rank), None, reduce, "cpu")
         except ValueError as e:
             out["widths"] = str(e)
         # a NaN in rank 0's rows: the gathered features decide, the same on both ranks
         f = torch.ones(3, 2)
         if rank == 0:
             f[1, 1] = float("nan")
-        gathered = _gather_features("'head'", f, None, reduce, "cpu")
+        gathered = gather_features("'head'", f, None, reduce, "cpu")
         try:
-            _check_gathered("'head'", 0, {"validation": (gathered, torch.arange(6) % 2)})
+            check_gathered("'head'", 0, {"validation": (gathered, torch.arange(6) % 2)})
         except ValueError as e:
             out["finite"] = str(e)
         # the features raised on rank 1's shard (e.g. non-finite NFK rows): both raise
         try:
-            _gather_features(
+            gather_features(
                 "'nfk'", torch.ones(0, 0), FloatingPointError("bad rows") if rank else None,
                 reduce, "cpu",
             )  # fmt: skip
         except (FloatingPointError, RuntimeError) as e:
             out["raised"] = f"{type(e).__name__}: {e}"
         # a rank without rows learns the width from the other: both hold the same 3 rows
-        out["empty"] = _gather_features(
+        out["empty"] = gather_features(
             "'head'",
             torch.ones(0, 0) if rank == 0 else torch.full((3, 2), 5.0),
             None,

@@ -117,6 +117,22 @@ def test_normalization(normalization, low, high):
     assert x.min() >= low and x.max() <= high
 
 
+@pytest.mark.parametrize("normalization", ["standard", "symmetric"])
+def test_tensors_are_the_stacked_clean_items(normalization):
+    dm = RandomImageDataModule(shape=(3, 8, 8), normalization=normalization)
+    ds = dm.dataset("train", augment=True)  # tensors() never augments
+    index = torch.tensor([5, 0, 17, 3])
+    x, y = ds.tensors(index)
+    clean = dm.dataset("train", augment=False)
+    items = [clean[int(i)] for i in index]
+    # the same float32 operations, element by element, as each item's
+    torch.testing.assert_close(x, torch.stack([xi for xi, _ in items]), rtol=0, atol=1e-6)
+    assert y.tolist() == [int(yi) for _, yi in items]
+    x_all, y_all = clean.tensors()
+    assert x_all.shape == (len(clean), 3, 8, 8) and y_all.shape == (len(clean),)
+    torch.testing.assert_close(x_all[index], x, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -161,6 +161,27 @@ def test_precomputed_targets_are_the_teachers_embeddings():
     assert torch.allclose((table / rms).square().mean(dim=0), torch.ones(4), rtol=1e-4)
 
 
+def test_a_fit_made_elsewhere_is_used_with_its_scale():
+    m = module("nfkd", targets="online")
+    tt: TeacherTargets = m.teacher_targets
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with trainable(m.teacher):
+        nfk = LowRankNFK(ClassifierEnergy(m.teacher), m.term.config)
+        with pytest.raises(ValueError, match=r"`nfk` must be fitted"):
+            tt.use_fit(nfk, torch.zeros(40, 4))
+        table = nfk.fit_transform(x)
+    with pytest.raises(
+        ValueError, match=r"`train` must be \(rows, k=4\) embeddings, got shape \(40, 3\)"
+    ):
+        tt.use_fit(nfk, table[:, :3])
+    assert tt.use_fit(nfk, table) is tt and tt.is_ready
+    # the scale: sigma_i / sqrt(N), so the standardised table has unit mean square
+    expected = nfk.singular_values.double() / 40**0.5
+    torch.testing.assert_close(tt.rms.double(), expected, rtol=1e-6, atol=0)
+    mean_square = tt.standardized(table).square().mean(dim=0)
+    torch.testing.assert_close(mean_square, torch.ones(4), rtol=1e-4, atol=0)
+
+
 def test_online_targets_equal_precomputed_on_clean_images():
     online, dm = _fitted("online")
     pre, _ = _fitted("precomputed")

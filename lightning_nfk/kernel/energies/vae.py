@@ -36,12 +36,10 @@ class VAEEnergy(Energy):
     diagonal Fisher over the fitting data.
 
     The defaults, ``S = 8`` samples in antithetic pairs, come from measurement
-    (``experiments/vae_kernel.py``, EXPERIMENTS.md): the frozen noise is per-example
-    randomness that the kernel picks up, and with one sample it dominates it. On
-    Fashion-MNIST (ConvVAE, 8 epochs) the VAE-NFK-128d linear probe (standardised
-    features) went from 40% with one sample to 63% with 8 antithetic samples (66% with
-    32), at 1.8x the fit time; with one sample, centring, the Fisher normalisation and the
-    choice of parameters each moved it by at most 3.5 points.
+    (``experiments/vae_kernel.py``; the figures are in EXPERIMENTS.md): the frozen noise
+    is per-example randomness that the kernel picks up, and with one sample it dominates
+    the kernel; several antithetic samples average it out at a proportional fit time,
+    while centring, the Fisher normalisation and the choice of parameters matter far less.
 
     What the VAE must expose:
 
