@@ -33,6 +33,7 @@ def quickstart(*overrides: str):
     return load_recipe(
         "quickstart",
         "--trainer.accelerator=cpu",
+        "--trainer.deterministic=false",  # process-wide once set: both arms alike
         f"--data.init_args.data_dir={DATA}",
         *overrides,
         bare=True,

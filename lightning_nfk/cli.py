@@ -216,7 +216,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 def recipe_path(recipe: str | os.PathLike) -> Path:
     """``recipe`` as a file: a path to a YAML config, or the name of one of the checkout's
-    recipes (``"fashion_mnist_gan"`` is ``recipes/fashion_mnist_gan.yaml``).
+    recipes (``"fashion_mnist_gan"`` is ``recipes/fashion_mnist_gan.yaml``). An existing
+    file of that name in the working directory comes first.
 
     Raises:
         FileNotFoundError: naming the recipe and where it was looked for.
@@ -234,7 +235,7 @@ def recipe_path(recipe: str | os.PathLike) -> Path:
 
 
 # what ``bare=True`` turns off: everything a script that trains and measures a recipe's
-# model itself does not want (files written, callbacks' fits, console output)
+# model itself does not want (files written, callbacks' fits, progress bar and summary)
 BARE_TRAINER = (
     "--trainer.logger=false",
     "--trainer.callbacks=[]",
@@ -250,8 +251,10 @@ def load_recipe(recipe: str | os.PathLike, *overrides: str, bare: bool = False) 
     ``"--data.init_args.train_subset=1000"``), without running anything: what scripts use
     to train or study exactly the model a recipe trains. The recipe's ``seed_everything``
     seeds the process before the model is built, as ``lightning-nfk fit`` does
-    (``"--seed_everything=false"`` leaves the random state alone). No run folder is claimed
-    and no config saved; the recipe's logger writes once a fit logs.
+    (``"--seed_everything=false"`` leaves the seeding to the caller), and the trainer
+    applies its process-wide settings as Lightning does (``deterministic: true`` switches
+    torch to deterministic algorithms for the whole process). No run folder is claimed and
+    no config saved; the recipe's logger writes once a fit logs.
 
     Args:
         recipe: a YAML path or a recipe's name (see :func:`recipe_path`).

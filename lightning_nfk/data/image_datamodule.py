@@ -66,7 +66,7 @@ class ImageTensorDataset(Dataset):
             if index is None
             else (self.images[index], self.labels[index])
         )
-        return self._normalize(images.float().div_(255)), labels
+        return self._normalize(images.float().div_(255)), labels.clone()
 
     def _normalize(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

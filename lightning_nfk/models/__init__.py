@@ -10,6 +10,8 @@ from lightning_nfk.models.networks import (
     DCGANDiscriminator,
     DCGANGenerator,
     LeNet5,
+    ResNetDiscriminator,
+    ResNetGenerator,
     WideResNet,
 )
 from lightning_nfk.models.vae import VAEModule
@@ -28,6 +30,8 @@ __all__ = [
     "NFKDTerm",
     "NFKDistillationModule",
     "NFKModule",
+    "ResNetDiscriminator",
+    "ResNetGenerator",
     "VAEModule",
     "WideResNet",
     "nfk_energy_of",

@@ -1,6 +1,10 @@
-"""A GAN LightningModule (non-saturating loss, manual optimisation); NFK of the discriminator."""
+"""A GAN LightningModule (manual optimisation; non-saturating, least-squares or hinge loss;
+an optional moving average of the generator); NFK of the discriminator."""
 
 from __future__ import annotations
+
+import copy
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -11,11 +15,33 @@ from torch import Tensor, nn
 
 from lightning_nfk.kernel import Energy, GANEnergy
 from lightning_nfk.kernel._data import first_tensor
+from lightning_nfk.kernel.energies.gan import GANScore, GeneratorMode
 from lightning_nfk.models._sampling import rank_normal
 
 
 def _adam_gan(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+
+
+GANLoss = Literal["nonsaturating", "lsgan", "hinge"]
+
+
+def discriminator_loss(loss: GANLoss, real: Tensor, fake: Tensor) -> Tensor:
+    """The discriminator's loss from its logits on real and generated images."""
+    if loss == "lsgan":  # on the sigmoid, as AFV's discriminator outputs it
+        return (torch.sigmoid(real) - 1).square().mean() + torch.sigmoid(fake).square().mean()
+    if loss == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def generator_loss(loss: GANLoss, fake: Tensor) -> Tensor:
+    """The generator's loss from the discriminator's logits on its images."""
+    if loss == "lsgan":
+        return (torch.sigmoid(fake) - 1).square().mean()
+    if loss == "hinge":
+        return -fake.mean()
+    return F.softplus(-fake).mean()  # non-saturating
 
 
 def _reach_every_parameter(module: nn.Module) -> Tensor | float:
@@ -27,10 +53,11 @@ def _reach_every_parameter(module: nn.Module) -> Tensor | float:
 
 
 class GANModule(pl.LightningModule):
-    """Alternating discriminator and generator steps with the non-saturating loss.
+    """Alternating discriminator and generator steps.
 
-    The NFK is :class:`GANEnergy`: the discriminator's logit, centred and normalised with
-    ``nfk_num_samples`` generator samples.
+    The NFK is :class:`GANEnergy`: the discriminator's logit (or its sigmoid,
+    ``nfk_score``), centred and normalised with ``nfk_num_samples`` samples of the
+    generator, or of its moving average when ``ema_decay`` keeps one.
 
     Works under Lightning's plain ``ddp`` strategy (every backward reaches every parameter,
     see :meth:`training_step`): each rank draws its own rows of the global batch of
@@ -41,8 +68,18 @@ class GANModule(pl.LightningModule):
         generator: latents ``(B, latent_dim)`` to images.
         discriminator: images to logits ``(B,)``.
         latent_dim: latent size (standard normal prior).
-        optimizer_g, optimizer_d: optimizer factories (default Adam, lr 2e-4, betas 0.5/0.999).
+        optimizer_g, optimizer_d: optimizer factories (default Adam, lr 2e-4, betas 0.5/0.999;
+            the AFV setting is lr 2e-4 for the generator, 4e-4 for the discriminator,
+            betas (0, 0.999) for both).
         nfk_num_samples: generator samples for the NFK statistics.
+        loss: ``"nonsaturating"`` (softplus on the logits), ``"lsgan"`` (least squares on
+            the discriminator's sigmoid, AFV's) or ``"hinge"``.
+        ema_decay: keep ``generator_ema``, an exponential moving average of the generator's
+            parameters (decay per step; its BatchNorm statistics are the generator's), and
+            sample the NFK's statistics from it; None: no average.
+        nfk_score: the :class:`GANEnergy` ``score`` (``"logit"`` or ``"sigmoid"``).
+        nfk_generator_mode: the :class:`GANEnergy` ``generator_mode`` (``"eval"`` or
+            ``"train"``: batch statistics, as AFV samples).
     """
 
     def __init__(
@@ -53,8 +90,18 @@ class GANModule(pl.LightningModule):
         optimizer_g: OptimizerCallable = _adam_gan,
         optimizer_d: OptimizerCallable = _adam_gan,
         nfk_num_samples: int = 2048,
+        loss: GANLoss = "nonsaturating",
+        ema_decay: float | None = None,
+        nfk_score: GANScore = "logit",
+        nfk_generator_mode: GeneratorMode = "eval",
     ) -> None:
         super().__init__()
+        if loss not in ("nonsaturating", "lsgan", "hinge"):
+            raise ValueError(f"`loss` must be 'nonsaturating', 'lsgan' or 'hinge', got {loss!r}.")
+        if ema_decay is not None and not (
+            isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0
+        ):
+            raise ValueError(f"`ema_decay` must be None or a number in [0, 1), got {ema_decay!r}.")
         self.save_hyperparameters(
             ignore=["generator", "discriminator", "optimizer_g", "optimizer_d"]
         )
@@ -65,6 +112,14 @@ class GANModule(pl.LightningModule):
         self.optimizer_g = optimizer_g
         self.optimizer_d = optimizer_d
         self.nfk_num_samples = nfk_num_samples
+        self.loss, self.ema_decay = loss, ema_decay
+        self.nfk_score, self.nfk_generator_mode = nfk_score, nfk_generator_mode
+        # not trained by an optimiser (no gradients): DDP leaves its parameters alone
+        self.generator_ema = (
+            None if ema_decay is None else copy.deepcopy(generator).requires_grad_(False)
+        )
+        # the energy's own checks of nfk_score and nfk_generator_mode, at construction
+        self.nfk_energy()
 
     def forward(self, h: Tensor) -> Tensor:
         return self.generator(h)
@@ -78,9 +133,11 @@ class GANModule(pl.LightningModule):
     def nfk_energy(self) -> Energy:
         return GANEnergy(
             self.discriminator,
-            self.generator,
+            self.generator if self.generator_ema is None else self.generator_ema,
             latent_dim=self.latent_dim,
             num_samples=self.nfk_num_samples,
+            score=self.nfk_score,
+            generator_mode=self.nfk_generator_mode,
         )
 
     def training_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
@@ -89,9 +146,8 @@ class GANModule(pl.LightningModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         fake = self.generator(rank_normal((x.shape[0], self.latent_dim), rank, world, x))
 
-        d_loss = (
-            F.softplus(-self.discriminator(x)).mean()
-            + F.softplus(self.discriminator(fake.detach())).mean()
+        d_loss = discriminator_loss(
+            self.loss, self.discriminator(x), self.discriminator(fake.detach())
         )
         opt_d.zero_grad()
         # DDP (find_unused_parameters=False) with manual optimisation: Lightning arms the
@@ -108,12 +164,14 @@ class GANModule(pl.LightningModule):
         self.manual_backward(d_loss + _reach_every_parameter(self.generator))
         opt_d.step()
 
-        g_loss = F.softplus(-self.discriminator(fake)).mean()  # non-saturating, updated D
+        g_loss = generator_loss(self.loss, self.discriminator(fake))  # the updated D
         opt_g.zero_grad()
         self.manual_backward(g_loss)
         opt_g.step()
         if world > 1:
             self._broadcast_generator_buffers()
+        if self.generator_ema is not None:  # the same on every rank: equal inputs
+            self._update_ema()
         self.log_dict({"train/d_loss": d_loss, "train/g_loss": g_loss}, prog_bar=True)
 
     def _broadcast_generator_buffers(self) -> None:
@@ -134,6 +192,17 @@ class GANModule(pl.LightningModule):
             dist.broadcast(flat, src=0)
             for b, value in zip(group, flat.split([b.numel() for b in group])):
                 b.copy_(value.view_as(b))
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """``generator_ema``'s parameters move ``1 - ema_decay`` of the way to the
+        generator's; its buffers (BatchNorm statistics) are the generator's."""
+        assert self.generator_ema is not None and self.ema_decay is not None
+        weight = 1.0 - self.ema_decay
+        for avg, p in zip(self.generator_ema.parameters(), self.generator.parameters()):
+            avg.lerp_(p.detach(), weight)
+        for avg, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
+            avg.copy_(b)
 
     def validation_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:
         self.log("val/d_real", self._d_real(batch), sync_dist=True)

@@ -192,10 +192,7 @@ class TeacherTargets:
             nfk = LowRankNFK(ClassifierEnergy(self.teacher), self.config, reduce=reduce)
             train_loader = self._shard_loader(trainer, train_set, batch_size)
             with progress_bar(trainer, "Teacher NFK") as update:
-                nfk.fit(train_loader, progress=update)
-                local = nfk.fit_embedding
-                if local is None:
-                    local = nfk.transform(train_loader)
+                local = nfk.fit_transform(train_loader, progress=update)
                 val = None
                 if val_set is not None and len(val_set) > 0:
                     val_local = nfk.transform(self._shard_loader(trainer, val_set, batch_size))
@@ -223,12 +220,20 @@ class TeacherTargets:
         """
         if not nfk.is_fitted:
             raise ValueError("`nfk` must be fitted: call nfk.fit(...) first.")
-        k = nfk.config.k
+        k = self.config.k
+        if nfk.config.k != k:
+            raise ValueError(
+                f"`nfk` must have these targets' k={k} components, got {nfk.config.k}."
+            )
         for name, table in (("train", train), ("val", val)):
             if table is not None and (table.ndim != 2 or table.shape[1] != k):
                 raise ValueError(
                     f"`{name}` must be (rows, k={k}) embeddings, got shape {tuple(table.shape)}."
                 )
+        if val is not None and val.device != train.device:
+            raise ValueError(
+                f"`val` must be on `train`'s device ({train.device}), got {val.device}."
+            )
         self.nfk, self.train, self.val = nfk, train, val
         scale = nfk.singular_values.double() / nfk.num_examples**0.5
         self.rms = scale.float().to(train.device)

@@ -53,6 +53,18 @@ CASES = {
             "--model.nfk_num_samples=128",
         ],
     ),
+    # the AFV residual GAN: spectral norm, least squares, a moving average of the generator
+    "afv-gan": (
+        "fashion_mnist_afv_gan",
+        [
+            *DATA,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--model.generator.init_args.width=8",
+            "--model.discriminator.init_args.width=8",
+            "--model.nfk_num_samples=128",
+        ],
+    ),
     "vae": (
         "fashion_mnist_vae",
         [
@@ -83,6 +95,7 @@ def repo_on_path(monkeypatch):
     "case",
     [
         "gan",
+        "afv-gan",
         "vae",
         "distill-kd",
         "distill-student",
@@ -105,9 +118,11 @@ def test_module_trains_under_plain_ddp(repo_on_path, tmp_path, case):
     # the agreement means something only if training moved the weights
     trained = [k for k, v in end.items() if v.is_floating_point() and not torch.equal(v, start[k])]
     assert trained, "no weight changed during training"
-    if case == "gan":  # both networks trained, every step
+    if case in ("gan", "afv-gan"):  # both networks trained, every step
         assert any(k.startswith("generator.") for k in trained)
         assert any(k.startswith("discriminator.") for k in trained)
         # and the generator's BatchNorm statistics, which the ranks compute on different
         # latents, were synchronised (part of assert_ranks_agree; named here)
         assert any(k.startswith("generator.") and "running_mean" in k for k in trained)
+    if case == "afv-gan":  # the moving average follows, equal on both ranks
+        assert any(k.startswith("generator_ema.") for k in trained)

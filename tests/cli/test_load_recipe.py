@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.cli import SaveConfigCallback
 
 from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
 from lightning_nfk.cli import RECIPES, load_recipe, recipe_path
@@ -26,7 +27,8 @@ def test_a_recipe_by_name_builds_its_objects_and_writes_nothing(tmp_path, monkey
     assert r.trainer.max_epochs == 1
     kinds = {type(cb) for cb in r.trainer.callbacks}
     assert {NFKSpectrumCallback, LinearProbeCallback, ModelCheckpoint} <= kinds
-    assert list(tmp_path.iterdir()) == []  # no run folder claimed, no config.yaml saved
+    assert SaveConfigCallback not in kinds  # it would write config.yaml at the first fit
+    assert list(tmp_path.iterdir()) == []  # no run folder claimed
 
 
 def test_bare_drops_logger_callbacks_and_checkpoints_and_seeds_as_the_recipe(tmp_path):
@@ -40,9 +42,15 @@ def test_bare_drops_logger_callbacks_and_checkpoints_and_seeds_as_the_recipe(tmp
     # the recipe's seed_everything: 0 before the model is built, as `lightning-nfk fit`
     r2 = load_recipe("quickstart", bare=True)
     pl.seed_everything(0, verbose=False)
-    by_hand = ClassifierModule(LeNet5())
-    for (name, a), (_, b) in zip(r2.model.state_dict().items(), by_hand.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    by_hand = ClassifierModule(LeNet5()).state_dict()
+    built = r2.model.state_dict()
+    assert list(built) == list(by_hand)
+    for name, tensor in built.items():
+        torch.testing.assert_close(tensor, by_hand[name], rtol=0, atol=0, msg=name)
+    # overrides come after what `bare` turns off: they can turn a part back on
+    r3 = load_recipe("quickstart", "--trainer.enable_progress_bar=true", bare=True)
+    assert isinstance(r3.trainer.progress_bar_callback, ProgressBar)
+    assert load_recipe("quickstart", bare=True).trainer.progress_bar_callback is None
 
 
 def test_overrides_apply_and_seed_false_leaves_the_seeding_to_the_caller():

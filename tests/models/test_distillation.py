@@ -174,6 +174,14 @@ def test_a_fit_made_elsewhere_is_used_with_its_scale():
         ValueError, match=r"`train` must be \(rows, k=4\) embeddings, got shape \(40, 3\)"
     ):
         tt.use_fit(nfk, table[:, :3])
+    with pytest.raises(
+        ValueError, match=r"`val` must be \(rows, k=4\) embeddings, got shape \(5,\)"
+    ):
+        tt.use_fit(nfk, table, torch.zeros(5))
+    with trainable(m.teacher):
+        other = LowRankNFK(ClassifierEnergy(m.teacher), m.term.config, k=3).fit(x)
+    with pytest.raises(ValueError, match=r"`nfk` must have these targets' k=4 components, got 3"):
+        tt.use_fit(other, table)
     assert tt.use_fit(nfk, table) is tt and tt.is_ready
     # the scale: sigma_i / sqrt(N), so the standardised table has unit mean square
     expected = nfk.singular_values.double() / 40**0.5

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -13,11 +16,14 @@ from lightning_nfk.models import (
     DCGANGenerator,
     GANModule,
     LeNet5,
+    ResNetDiscriminator,
+    ResNetGenerator,
     VAEModule,
     WideResNet,
     nfk_energy_of,
 )
 from lightning_nfk.models._sampling import rank_normal
+from lightning_nfk.models.gan import discriminator_loss, generator_loss
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import NoProtocol, quick_trainer, tiny_classifier
 
@@ -183,3 +189,91 @@ def test_classifier_test_step_scores_the_test_split_with_its_own_metric(tmp_path
     assert metrics["test/acc"] == pytest.approx(correct / total, abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(loss / total, rel=1e-4)
     assert clf.test_acc is not clf.val_acc
+
+
+def test_gan_losses_against_their_formulas():
+    real, fake = torch.tensor([0.0, 2.0]), torch.tensor([-1.0, 1.0])
+
+    def sig(v: float) -> float:
+        return 1 / (1 + math.exp(-v))
+
+    def mean(values) -> float:
+        return sum(values) / len(values)
+
+    def softplus(v: float) -> float:
+        return math.log1p(math.exp(v))
+
+    expected_d = {
+        "nonsaturating": mean([softplus(-r) for r in (0, 2)])
+        + mean([softplus(f) for f in (-1, 1)]),
+        "lsgan": mean([(sig(r) - 1) ** 2 for r in (0, 2)]) + mean([sig(f) ** 2 for f in (-1, 1)]),
+        "hinge": mean([max(0, 1 - r) for r in (0, 2)]) + mean([max(0, 1 + f) for f in (-1, 1)]),
+    }
+    expected_g = {
+        "nonsaturating": mean([softplus(-f) for f in (-1, 1)]),
+        "lsgan": mean([(sig(f) - 1) ** 2 for f in (-1, 1)]),
+        "hinge": -mean([-1, 1]),
+    }
+    for loss in ("nonsaturating", "lsgan", "hinge"):
+        assert discriminator_loss(loss, real, fake).item() == pytest.approx(
+            expected_d[loss], rel=1e-6
+        )
+        assert generator_loss(loss, fake).item() == pytest.approx(expected_g[loss], abs=1e-7)
+
+
+class _RecordGenerator(pl.Callback):
+    def __init__(self) -> None:
+        self.states: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.states.append([p.detach().clone() for p in pl_module.generator.parameters()])
+
+
+@pytest.mark.parametrize("loss", ["lsgan", "hinge"])
+def test_the_afv_gan_trains_with_a_moving_average_of_its_generator(tmp_path, loss):
+    torch.manual_seed(0)
+    gan = GANModule(
+        ResNetGenerator(latent_dim=8, channels=1, width=8, image_size=28),
+        ResNetDiscriminator(channels=1, width=8, image_size=28),
+        latent_dim=8,
+        loss=loss,
+        ema_decay=0.5,
+        nfk_num_samples=32,
+        nfk_score="sigmoid",
+        nfk_generator_mode="train",
+    )
+    assert not any(p.requires_grad for p in gan.generator_ema.parameters())
+    start = [p.detach().clone() for p in gan.generator.parameters()]
+    record = _RecordGenerator()
+    dm = RandomImageDataModule(batch_size=16, normalization="symmetric")
+    trainer = quick_trainer(
+        tmp_path, callbacks=[record], limit_train_batches=3, limit_val_batches=0
+    )
+    trainer.fit(gan, dm)
+    # the average, step by step: e_t = e_(t-1) + (1 - decay) (g_t - e_(t-1)), from g_0
+    expected = start
+    for state in record.states:
+        expected = [e + 0.5 * (g - e) for e, g in zip(expected, state)]
+    for got, want in zip(gan.generator_ema.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any((g - e).abs().max() > 1e-6 for g, e in zip(record.states[-1], expected))
+    for avg, live in zip(gan.generator_ema.buffers(), gan.generator.buffers()):
+        torch.testing.assert_close(avg, live, rtol=0, atol=0)
+    energy = gan.nfk_energy()
+    assert energy.generator is gan.generator_ema
+    assert energy.score_output == "sigmoid" and energy.generator_mode == "train"
+    assert any(k.startswith("generator_ema.") for k in gan.state_dict())
+    assert torch.isfinite(trainer.callback_metrics["train/d_loss"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "wgan"}, r"`loss` must be 'nonsaturating', 'lsgan' or 'hinge', got 'wgan'"),
+        ({"ema_decay": 1.0}, r"`ema_decay` must be None or a number in \[0, 1\), got 1.0"),
+        ({"nfk_score": "prob"}, r"`score` must be 'logit' or 'sigmoid', got 'prob'"),
+    ],
+)
+def test_gan_module_refuses_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GANModule(DCGANGenerator(8, 1, 8, 28), DCGANDiscriminator(1, 8, 28), latent_dim=8, **kwargs)

@@ -1,4 +1,4 @@
-"""GAN energy: the discriminator's logit, centred and normalised on generator samples.
+"""GAN energy: the discriminator's output, centred and normalised on generator samples.
 
 Zhang et al., ICLR 2022, Eq. 1; the mean score and diagonal Fisher over generator samples
 follow the paper's precursor, apple/ml-afv (adversarial Fisher vectors).
@@ -7,17 +7,21 @@ follow the paper's precursor, apple/ml-afv (adversarial Fisher vectors).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_nfk.kernel.energies.base import Energy, _check_module, scalar_per_example, uncompiled
 
 LatentSampler = Callable[[int, torch.Generator], Tensor]
+GANScore = Literal["logit", "sigmoid"]
+GeneratorMode = Literal["eval", "train"]
 
 
 class GANEnergy(Energy):
-    """NFK of a GAN: :math:`s_\\theta(x) = D(x)`, the discriminator's logit.
+    """NFK of a GAN: :math:`s_\\theta(x) = D(x)`, the discriminator's logit (or its sigmoid).
 
     :math:`\\theta` are the discriminator's parameters. The mean score :math:`z` and the
     diagonal Fisher :math:`I` are averages over ``num_samples`` generator samples
@@ -35,6 +39,14 @@ class GANEnergy(Energy):
         num_samples: number of generator samples :math:`M`.
         batch_size: generator batch size.
         seed: seed of the latents.
+        score: what is differentiated: ``"logit"`` (the paper's Eq. 1 on the logit the
+            discriminator returns) or ``"sigmoid"`` (its probability, what AFV's
+            discriminator outputs).
+        generator_mode: how the generator samples: ``"eval"`` (BatchNorm with running
+            statistics) or ``"train"`` (with each batch's statistics, as AFV samples; the
+            generator's running statistics are left untouched). With ``"train"`` a
+            sample depends on the batch it is drawn in, so the statistics differ slightly
+            with ``batch_size`` and the number of processes.
         parameters: restrict :math:`\\theta` to these parameter-name prefixes (see
             :class:`Energy`).
 
@@ -58,9 +70,15 @@ class GANEnergy(Energy):
         batch_size: int = 256,
         seed: int = 0,
         parameters: Sequence[str] | None = None,
+        score: GANScore = "logit",
+        generator_mode: GeneratorMode = "eval",
     ) -> None:
         super().__init__(discriminator, parameters=parameters)
         _check_module("generator", generator)
+        if score not in ("logit", "sigmoid"):
+            raise ValueError(f"`score` must be 'logit' or 'sigmoid', got {score!r}.")
+        if generator_mode not in ("eval", "train"):
+            raise ValueError(f"`generator_mode` must be 'eval' or 'train', got {generator_mode!r}.")
         if (latent_dim is None) == (latent_sampler is None):
             raise ValueError(
                 "Give exactly one of `latent_dim` and `latent_sampler` to GANEnergy; got "
@@ -79,11 +97,19 @@ class GANEnergy(Energy):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
+        self.score_output = score
+        self.generator_mode = generator_mode
+
+    def settings(self) -> dict[str, object]:
+        # "logit" is what states saved before the option meant: recorded only otherwise
+        extra = {} if self.score_output == "logit" else {"score": self.score_output}
+        return {**super().settings(), **extra}
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
-        return scalar_per_example(
+        logit = scalar_per_example(
             module(x), "GANEnergy expects the discriminator to return one logit per example"
         )
+        return torch.sigmoid(logit) if self.score_output == "sigmoid" else logit
 
     def latents(self) -> Tensor:
         """All ``num_samples`` latents, identical on every process."""
@@ -107,7 +133,21 @@ class GANEnergy(Energy):
         with torch.no_grad():
             for i in range(start, stop, self.batch_size):
                 hb = h[i : min(i + self.batch_size, stop)].to(device=device, dtype=dtype)
-                yield self.generator(hb)
+                yield self._sample(hb)
+
+    def _sample(self, h: Tensor) -> Tensor:
+        if self.generator_mode == "eval":
+            return self.generator(h)
+        # batch statistics; the running statistics this forward updates are copies
+        g = self.generator
+        state = {**dict(g.named_parameters()), **{n: b.clone() for n, b in g.named_buffers()}}
+        flags = [(m, m.training) for m in g.modules()]
+        g.train()
+        try:
+            return functional_call(g, state, (h,))
+        finally:
+            for m, training in flags:
+                m.training = training
 
     def auxiliary_modules(self) -> list[nn.Module]:
         return [self.generator]
@@ -115,5 +155,6 @@ class GANEnergy(Energy):
     def __repr__(self) -> str:
         return (
             f"GANEnergy(discriminator={type(self.module).__name__}, "
-            f"generator={type(self.generator).__name__}, num_samples={self.num_samples})"
+            f"generator={type(self.generator).__name__}, num_samples={self.num_samples}, "
+            f"score={self.score_output!r}, generator_mode={self.generator_mode!r})"
         )

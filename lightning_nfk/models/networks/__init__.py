@@ -3,7 +3,17 @@
 from lightning_nfk.models.networks.dcgan import DCGANDiscriminator, DCGANGenerator
 from lightning_nfk.models.networks.lenet import LeNet5
 from lightning_nfk.models.networks.mlp import MLP
+from lightning_nfk.models.networks.resnet_gan import ResNetDiscriminator, ResNetGenerator
 from lightning_nfk.models.networks.vae import ConvVAE
 from lightning_nfk.models.networks.wide_resnet import WideResNet
 
-__all__ = ["MLP", "ConvVAE", "DCGANDiscriminator", "DCGANGenerator", "LeNet5", "WideResNet"]
+__all__ = [
+    "MLP",
+    "ConvVAE",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "LeNet5",
+    "ResNetDiscriminator",
+    "ResNetGenerator",
+    "WideResNet",
+]
