@@ -4,6 +4,7 @@ from lightning_nfk.models.classifier import ClassifierModule
 from lightning_nfk.models.distillation import NFKDistillationModule
 from lightning_nfk.models.distillation_terms import DistillationTerm, KDTerm, NFKDTerm
 from lightning_nfk.models.gan import GANModule
+from lightning_nfk.models.gan_inversion import GANInversion, invert_gan
 from lightning_nfk.models.networks import (
     MLP,
     ConvVAE,
@@ -24,6 +25,7 @@ __all__ = [
     "DCGANDiscriminator",
     "DCGANGenerator",
     "DistillationTerm",
+    "GANInversion",
     "GANModule",
     "KDTerm",
     "LeNet5",
@@ -34,5 +36,6 @@ __all__ = [
     "ResNetGenerator",
     "VAEModule",
     "WideResNet",
+    "invert_gan",
     "nfk_energy_of",
 ]

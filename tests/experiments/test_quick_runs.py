@@ -24,6 +24,7 @@ SCRIPTS = [
     "lowrank",
     "accuracy",
     "vae_kernel",
+    "inversion",
     pytest.param("linear_eval", marks=SLOW),
     pytest.param("few_labels", marks=SLOW),
     pytest.param("scale", marks=SLOW),
@@ -73,6 +74,15 @@ def test_quick_run(name: str, out: Path) -> None:
         f64 = r["randomized"]["float64"]
         assert f64["max_rel_error_top10"] < 1e-3
         assert f64["total_variance_rel_error"] < 1e-10
+    elif name == "inversion":
+        t = r["table"]
+        grey = t["test images: all pixels grey (0)"]
+        k = r["setting"]["nfk_k"]
+        # every reconstruction beats a grey image; PCA with as many components as the
+        # latent has is a strong baseline of the pixels (a quick GAN need not reach it)
+        assert 0 < t[f"test images: PCA-{k}"] < grey
+        assert 0 < t["test images: NFK inversion G(W e(x))"] < 2 * grey
+        assert 0 < t["fitting samples: latent error per coordinate"] < 1.0
     elif name == "vae_kernel":
         assert len(r["table"]) >= 3
         for row in r["table"].values():
