@@ -2,6 +2,7 @@
 
 from lightning_nfk.data.idx import read_idx
 from lightning_nfk.data.image_datamodule import (
+    UNLABELED,
     ImageDataModule,
     ImageTensorDataset,
     balanced_label_indices,
@@ -10,6 +11,7 @@ from lightning_nfk.data.mnist_like import FashionMNISTDataModule, MNISTDataModul
 from lightning_nfk.data.torchvision_sets import CIFAR10DataModule, SVHNDataModule
 
 __all__ = [
+    "UNLABELED",
     "CIFAR10DataModule",
     "FashionMNISTDataModule",
     "ImageDataModule",

@@ -83,6 +83,11 @@ class ImageTensorDataset(Dataset):
         return self._normalize(x), self.labels[i]
 
 
+UNLABELED = -1
+"""The label of a training image outside the label budget in the ``"semi"`` split (the
+``ignore_index`` of cross-entropy and accuracy)."""
+
+
 class EpochSeededSampler(RandomSampler):
     """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at
     each epoch start, so a run resumed from a checkpoint sees the same batches as an
@@ -139,9 +144,12 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         augment: random crop and flip on training batches (never on the NFK's data).
         with_index: items are ``(x, y, index)`` (see :class:`ImageTensorDataset`); needed by
             per-example tables such as ``NFKDistillationModule(targets="precomputed")``.
-        train_split: what the training loader reads: ``"train"`` (the training split) or
+        train_split: what the training loader reads: ``"train"`` (the training split),
             ``"labeled"`` (only the label budget, ``num_labels``: the low-label protocol,
-            where a teacher's NFK may still be fitted on the whole unlabelled split).
+            where a teacher's NFK may still be fitted on the whole unlabelled split) or
+            ``"semi"`` (every training image, the labels outside the budget hidden as
+            :data:`UNLABELED`: a loss on unlabelled images, such as distillation, sees
+            them all; ``"semi"`` is also a split of :meth:`dataset`).
         normalization: ``"standard"`` (the dataset's mean and std, for classifiers),
             ``"symmetric"`` (to [-1, 1], for GANs with a tanh generator) or ``"none"``
             ([0, 1], for VAEs with a Bernoulli likelihood).
@@ -164,13 +172,17 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         normalization: Literal["standard", "symmetric", "none"] = "standard",
         seed: int = 0,
         with_index: bool = False,
-        train_split: Literal["train", "labeled"] = "train",
+        train_split: Literal["train", "labeled", "semi"] = "train",
     ) -> None:
         super().__init__()
-        if train_split not in ("train", "labeled"):
-            raise ValueError(f"`train_split` must be 'train' or 'labeled', got {train_split!r}.")
-        if train_split == "labeled" and num_labels is None:
-            raise ValueError("`train_split='labeled'` needs a label budget: set `num_labels`.")
+        if train_split not in ("train", "labeled", "semi"):
+            raise ValueError(
+                f"`train_split` must be 'train', 'labeled' or 'semi', got {train_split!r}."
+            )
+        if train_split != "train" and num_labels is None:
+            raise ValueError(
+                f"`train_split={train_split!r}` needs a label budget: set `num_labels`."
+            )
         if normalization not in ("standard", "symmetric", "none"):
             raise ValueError(
                 f"`normalization` must be 'standard', 'symmetric' or 'none', got {normalization!r}."
@@ -243,6 +255,9 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
                 )
             labeled = balanced_label_indices(splits["train"][1], self.num_labels, self.seed)
             splits["labeled"] = (splits["train"][0][labeled], splits["train"][1][labeled], labeled)
+            hidden = torch.full_like(splits["train"][1], UNLABELED)
+            hidden[labeled] = splits["train"][1][labeled]
+            splits["semi"] = (splits["train"][0], hidden, splits["train"][2])
         self._splits = splits
 
     def dataset(

@@ -50,6 +50,11 @@ from lightning_nfk.trainer_utils import check_strategy
 Mode = Literal["nfkd", "kd", "none"]
 
 
+# The label of an unlabelled training image (lightning_nfk.data.UNLABELED: the data modules'
+# "semi" split; the models do not import the data room, a test checks the two agree).
+UNLABELED = -1
+
+
 class NFKDistillationModule(pl.LightningModule):
     """Train ``student`` on labels and a frozen ``teacher``'s knowledge.
 
@@ -81,6 +86,11 @@ class NFKDistillationModule(pl.LightningModule):
       gradients (one k-column product per batch; the components, |theta_t| x k, stay in
       memory on the teacher's device). Costs about one teacher backward per example per
       step, and no host sync: a non-finite target shows as a NaN loss, not an error.
+
+    Unlabelled images: with a data module whose ``train_split="semi"`` (every training
+    image; the labels outside ``num_labels`` hidden as ``UNLABELED``), the cross-entropy
+    and the training accuracy count the labelled images only, while the distillation term
+    (NFKD or KD) sees every image: the semi-supervised use of a teacher.
 
     Target scaling (``target_scaling``): ``"standardize"`` divides component i by its root
     mean square over the fitting set, :math:`\\sigma_i / \\sqrt{N}`, so that every
@@ -188,7 +198,7 @@ class NFKDistillationModule(pl.LightningModule):
         for name, module in ({} if term is None else term.modules()).items():
             self.add_module(name, module)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -288,7 +298,10 @@ class NFKDistillationModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         features, logits = self._forward(x)
-        ce = F.cross_entropy(logits, y)
+        # the mean over the labelled examples (all of them but under train_split="semi");
+        # a batch without labels contributes 0, not NaN, and nothing is read on the host
+        labelled = (y != UNLABELED).sum().clamp_min(1)
+        ce = F.cross_entropy(logits, y, ignore_index=UNLABELED, reduction="sum") / labelled
         self.log("train/ce", ce)
         loss = ce
         if self.term is not None:

@@ -21,8 +21,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
+from lightning_nfk.data import UNLABELED
 from lightning_nfk.kernel import ClassifierEnergy, LowRankNFK
 from lightning_nfk.models import ClassifierModule, NFKDistillationModule, WideResNet
+from lightning_nfk.models.distillation import UNLABELED as MODULE_UNLABELED
 from lightning_nfk.models.teacher_targets import TeacherTargets, trainable
 from lightning_nfk.trainer_utils import stack_items
 from tests.helpers.data import RandomImageDataModule
@@ -369,3 +371,39 @@ def test_low_label_split_trains_on_the_budget_with_train_indices():
     m = module("nfkd")
     trainer(limit_train_batches=1, limit_val_batches=1).fit(m, dm)
     assert m.teacher_targets.train.shape[0] == 128  # fitted on the whole (unlabelled) split
+
+
+def test_semi_split_hides_the_labels_outside_the_budget():
+    dm = data(num_labels=20, train_split="semi", augment=False)
+    dm.setup()
+    semi, train, labeled = dm.dataset("semi"), dm.dataset("train"), dm.dataset("labeled")
+    assert len(dm.train_dataloader().dataset) == len(train) == 128
+    torch.testing.assert_close(semi.images, train.images, rtol=0, atol=0)
+    known = semi.labels != UNLABELED
+    assert int(known.sum()) == 20 and set(semi.labels[~known].tolist()) == {UNLABELED}
+    # the labelled ones are the budget's, at their positions in the training split
+    assert semi.labels[labeled.indices].tolist() == labeled.labels.tolist()
+    assert semi.indices.tolist() == train.indices.tolist()
+    assert UNLABELED == MODULE_UNLABELED  # the models' copy of the data room's constant
+
+
+def test_the_cross_entropy_counts_labelled_images_only():
+    m = module("none")
+    m.log = lambda *a, **k: None  # no trainer: logging is not what is tested
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([3, UNLABELED, 1, UNLABELED, UNLABELED, 7])
+    loss = m.training_step((x, y, torch.arange(6)), 0)
+    keep = y != UNLABELED
+    expected = torch.nn.functional.cross_entropy(m.student(x)[keep], y[keep])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    none = m.training_step((x, torch.full((6,), UNLABELED), torch.arange(6)), 0)
+    assert float(none.detach()) == 0.0  # no label in the batch: no cross-entropy, not NaN
+
+
+def test_nfkd_trains_on_every_image_with_a_label_budget():
+    dm = data(num_labels=20, train_split="semi")
+    m = module("nfkd")
+    t = trainer(limit_train_batches=2, limit_val_batches=1)
+    t.fit(m, dm)
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert m.teacher_targets.train.shape[0] == 128
