@@ -69,18 +69,26 @@ def main() -> None:
     p.add_argument("--teacher-width", type=int, default=2)
     p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: no full rows")
     p.add_argument("--modes", nargs="+", default=["nfkd", "kd", "student"])
     p.add_argument("--n-iter", type=int, default=3)
     p.add_argument("--low-label", type=int, default=1000, help="0: no low-label row")
     p.add_argument("--low-label-epochs", type=int, default=40)
     p.add_argument("--low-label-seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--semi-epochs",
+        type=int,
+        default=4,
+        help="the low-label row with every training image (train_split=semi): the labelled "
+        "row's steps (40 epochs of 1,000 = 4 of 10,000); 0: no semi row",
+    )
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for the students")
     p.add_argument("--tag", default="", help="suffix of the run names (sweeps)")
     a = p.parse_args()
     if a.quick:
         a.train_subset, a.val_size, a.teacher_epochs, a.epochs = 1000, 500, 1, 1
         a.n_iter, a.seeds, a.low_label, a.low_label_epochs = 1, [0], 200, 1
+        a.semi_epochs = 1
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -186,6 +194,12 @@ def main() -> None:
         for seed in a.low_label_seeds:
             for mode in a.modes:
                 student(mode, seed, low, a.low_label_epochs, f"labels{a.low_label}")
+        # the same label budget, every training image in the loader: cross-entropy on the
+        # labelled ones, the distillation term on all
+        semi = [f"--data.num_labels={a.low_label}", "--data.train_split=semi"]
+        for seed in a.low_label_seeds if a.semi_epochs else []:
+            for mode in a.modes:
+                student(mode, seed, semi, a.semi_epochs, f"labels{a.low_label}-semi")
 
     # -- summary --------------------------------------------------------------------------------
     rows: dict[str, list[float]] = {}
