@@ -141,6 +141,9 @@ _SHARED: dict[str, tuple[str, tuple[str, ...]]] = {
     "fmnist_vae": ("fashion_mnist_vae", ()),
     "fmnist_lenet": ("quickstart", ()),
     "cifar_gan": ("cifar10_dcgan", ()),
+    # the paper's GAN design (AFV residual GAN) at a CPU width
+    "fmnist_afv": ("fashion_mnist_afv_gan", ()),
+    "cifar_afv": ("cifar10_afv_gan_cpu", ()),
     "cifar_vae": ("cifar10_vae", ()),
     # a constant learning rate of 0.05 for the few CPU epochs, no augmentation
     "cifar_wrn": (
@@ -232,18 +235,26 @@ class _SaveAt(pl.Callback):
             torch.save(pl_module.state_dict(), self.path(e))
 
 
-def shared_model(run: Run, name: str, at: int | None = None) -> pl.LightningModule:
-    """The shared model ``name`` (see :func:`model_spec`), trained by its recipe's trainer,
-    after ``at`` epochs (default: all; 0: at initialisation), in eval mode. Epoch 1 and the
-    last are cached on the way, so later calls load instead of training."""
+def shared_model(
+    run: Run,
+    name: str,
+    at: int | None = None,
+    *,
+    epochs: int | None = None,
+    keep: Sequence[int] = (),
+) -> pl.LightningModule:
+    """The shared model ``name`` (see :func:`model_spec`), trained by its recipe's trainer
+    for ``epochs`` (default: the spec's), after ``at`` epochs (default: all; 0: at
+    initialisation), in eval mode. Epoch 1, the last and every epoch in ``keep`` are cached
+    on the way, so later calls load instead of training."""
     spec = model_spec(run, name)
-    epochs = spec["epochs"]
+    epochs = spec["epochs"] if epochs is None else epochs
     at = epochs if at is None else at
 
     def path(e: int) -> Path:
         return run.cache / f"{name}-e{e}-of{epochs}.pt"
 
-    recipe = shared_recipe(run, name)  # seeds as `lightning-nfk fit` does
+    recipe = shared_recipe(run, name, f"--trainer.max_epochs={epochs}")  # seeds as `fit` does
     if recipe is None:
         raise RuntimeError(f"{name} needs --cifar-dir")
     module = recipe.model
@@ -252,7 +263,7 @@ def shared_model(run: Run, name: str, at: int | None = None) -> pl.LightningModu
     if not path(at).exists():
         run.log(f"training {name} ({spec['recipe']}) for {epochs} epochs")
         t = time.time()
-        recipe.trainer.callbacks.append(_SaveAt({1, epochs}, path))
+        recipe.trainer.callbacks.append(_SaveAt({1, epochs, *keep}, path))
         recipe.trainer.fit(module, datamodule=recipe.datamodule)
         run.log(f"trained {name} in {time.time() - t:.0f} s")
         run.results.setdefault("training_s", {})[name] = round(time.time() - t, 1)

@@ -28,6 +28,7 @@ SCRIPTS = [
     pytest.param("linear_eval", marks=SLOW),
     pytest.param("few_labels", marks=SLOW),
     pytest.param("scale", marks=SLOW),
+    pytest.param("afv_trend", marks=SLOW),
 ]
 
 
@@ -47,7 +48,8 @@ def run_quick(name: str, out: Path) -> dict:
         timeout=420,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / f"{name}.json").read_text())
+    stem = "afv_trend_fashion_mnist" if name == "afv_trend" else name
+    result = json.loads((out / f"{stem}.json").read_text())
     assert result["meta"]["mode"] == "quick"
     assert result["meta"]["wall_time_s"] > 0
     for plot in result.get("plots", []):
@@ -74,6 +76,12 @@ def test_quick_run(name: str, out: Path) -> None:
         f64 = r["randomized"]["float64"]
         assert f64["max_rel_error_top10"] < 1e-3
         assert f64["total_variance_rel_error"] < 1e-10
+    elif name == "afv_trend":
+        trend = r["trend"]
+        assert list(trend) == [str(e) for e in r["setting"]["checkpoints"]]
+        for row in trend.values():
+            assert len(row) == 4 and all(10 < acc <= 100 for acc in row.values())
+        assert len(r["final_variants"]) == 4
     elif name == "inversion":
         t = r["table"]
         grey = t["test images: all pixels grey (0)"]

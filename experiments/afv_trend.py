@@ -1,0 +1,114 @@
+"""Does the NFK overtake the activations as the paper's discriminator trains? The AFV
+residual GAN (``recipes/fashion_mnist_afv_gan.yaml``: spectral norm, least squares, a
+moving average of the generator, AFV's optimisers) trained on this CPU, and at several
+checkpoints along training the library's linear probe on: GAN-NFK-k (the recipe's NFK:
+D's sigmoid, statistics from the averaged generator with batch statistics), D's pooled
+block features (AFV's baseline), D's last hidden layer, and the pixels. On the last
+checkpoint also: the logit instead of the sigmoid, the raw generator instead of its
+average, and running statistics instead of batch statistics.
+
+    python experiments/afv_trend.py --data-dir /usr/share/datasets/fashion-mnist
+    python experiments/afv_trend.py --cifar-dir /work/cifar10 --dataset cifar10
+    python experiments/afv_trend.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import common
+
+from lightning_nfk.kernel import GANEnergy
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=("fashion_mnist", "cifar10"), default="fashion_mnist")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (full: 12)")
+    args = p.parse_args()
+    name = "fmnist_afv" if args.dataset == "fashion_mnist" else "cifar_afv"
+    run = common.Run(f"afv_trend_{args.dataset}", args)
+    epochs = args.epochs or run.pick(1, 12)
+    checkpoints = sorted({0, 1, *range(0, epochs + 1, max(1, epochs // 4)), epochs})
+    fit_n, test_n = run.pick(200, 10000), run.pick(200, 10000)
+    k, n_iter = run.pick(8, 128), run.pick(1, 5)
+    dm = common.data_for(run, name)
+    if dm is None:
+        raise SystemExit(f"{name} needs --cifar-dir")
+    fit, test = common.tensors(dm, "train", fit_n), common.tensors(dm, "test", test_n)
+    t0 = time.time()
+    common.shared_model(run, name, epochs=epochs, keep=checkpoints)  # trains once, cached
+    run.results["training_minutes"] = round((time.time() - t0) / 60, 1)
+    run.results["setting"] = {
+        "recipe": common.model_spec(run, name)["recipe"],
+        "epochs": epochs,
+        "checkpoints": checkpoints,
+        "fit_n": fit_n,
+        "test_n": test_n,
+        "k": k,
+        "n_iter": n_iter,
+        "probe": "the library's multinomial logistic regression, standardised features",
+    }
+    trend: dict[str, dict[str, float]] = {}
+    gan = None
+    for at in checkpoints:
+        gan = common.shared_model(run, name, at, epochs=epochs, keep=checkpoints)
+        # quick mode: fewer generator samples for the statistics (the recipe's 1,024 would
+        # cost five times the fitting set's 200 examples)
+        gan.nfk_num_samples = run.pick(100, gan.nfk_num_samples)
+        trend[str(at)] = rows(run, gan, gan.nfk_energy(), fit, test, k, n_iter)
+        run.log(f"epoch {at}", trend[str(at)])
+    run.results["trend"] = trend
+    assert gan is not None
+    d, g = gan.discriminator, gan.generator
+    ema = gan.generator_ema if gan.generator_ema is not None else g
+    latent, m = gan.latent_dim, gan.nfk_num_samples
+    variants = {
+        "recipe (sigmoid, averaged G, batch statistics)": gan.nfk_energy(),
+        "logit": GANEnergy(d, ema, latent, num_samples=m, generator_mode="train"),
+        "raw G": GANEnergy(d, g, latent, num_samples=m, score="sigmoid", generator_mode="train"),
+        "running statistics": GANEnergy(d, ema, latent, num_samples=m, score="sigmoid"),
+    }
+    run.results["final_variants"] = {
+        label: nfk_probe(run, energy, fit, test, k, n_iter) for label, energy in variants.items()
+    }
+    run.log("final variants", run.results["final_variants"])
+    plot(run, trend)
+    run.save()
+
+
+def nfk_probe(run: common.Run, energy: GANEnergy, fit, test, k: int, n_iter: int) -> float:
+    _, emb = common.nfk_features(run, energy, fit[0], {"test": test[0]}, k=k, n_iter=n_iter)
+    return common.probe((emb["fit"], fit[1]), (emb["test"], test[1]))
+
+
+def rows(run: common.Run, gan: Any, energy: GANEnergy, fit, test, k: int, n_iter: int) -> dict:
+    d = gan.discriminator
+    pooled = {
+        s: common.batched(d.pooled_features, x) for s, (x, _) in (("fit", fit), ("test", test))
+    }
+    hidden = {s: common.activations(d, d.relu, x) for s, (x, _) in (("fit", fit), ("test", test))}
+    return {
+        f"GAN-NFK-{k}d": nfk_probe(run, energy, fit, test, k, n_iter),
+        "pooled blocks": common.probe((pooled["fit"], fit[1]), (pooled["test"], test[1])),
+        "last hidden layer": common.probe((hidden["fit"], fit[1]), (hidden["test"], test[1])),
+        "pixels": common.probe((fit[0].flatten(1), fit[1]), (test[0].flatten(1), test[1])),
+    }
+
+
+def plot(run: common.Run, trend: dict[str, dict[str, float]]) -> None:
+    fig, axes = common.figure(1, 1)
+    ax = axes[0][0]
+    epochs = [int(e) for e in trend]
+    for feature in next(iter(trend.values())):
+        ax.plot(epochs, [trend[str(e)][feature] for e in epochs], marker="o", label=feature)
+    ax.set_xlabel("training epoch")
+    ax.set_ylabel("linear probe test accuracy, %")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    common.save_figure(run, fig, run.name)
+
+
+if __name__ == "__main__":
+    main()
