@@ -17,7 +17,7 @@ set and restored through the API the caller's state is in.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -120,6 +120,17 @@ def full_precision() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def restored_modes(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Every submodule's train/eval flag as it was on entry, whatever the body sets."""
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextlib.contextmanager
 def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
     """Eval mode, gradients enabled, inference mode off, global RNG untouched, float32/64
     arithmetic (autocast off, no TF32: :func:`full_precision`); all restored.
@@ -132,20 +143,16 @@ def kernel_mode(*owners: Energy | nn.Module) -> Iterator[None]:
             modules += [owner.module, *owner.auxiliary_modules()]
         else:
             modules.append(owner)
-    flags = [(m, m.training) for root in modules for m in root.modules()]
     devices = sorted(
         {p.device.index or 0 for r in modules for p in r.parameters() if p.device.type == "cuda"}
     )
-    try:
-        with (
-            torch.random.fork_rng(devices=devices),
-            full_precision(),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-        ):
-            for root in modules:
-                root.eval()
-            yield
-    finally:
-        for m, training in flags:
-            m.training = training
+    with (
+        restored_modes(modules),
+        torch.random.fork_rng(devices=devices),
+        full_precision(),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+    ):
+        for root in modules:
+            root.eval()
+        yield

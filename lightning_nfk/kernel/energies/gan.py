@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_nfk.kernel.energies.base import Energy, _check_module, scalar_per_example, uncompiled
+from lightning_nfk.kernel.precision import restored_modes
 
 LatentSampler = Callable[[int, torch.Generator], Tensor]
 GANScore = Literal["logit", "sigmoid"]
@@ -141,13 +142,8 @@ class GANEnergy(Energy):
         # batch statistics; the running statistics this forward updates are copies
         g = self.generator
         state = {**dict(g.named_parameters()), **{n: b.clone() for n, b in g.named_buffers()}}
-        flags = [(m, m.training) for m in g.modules()]
-        g.train()
-        try:
-            return functional_call(g, state, (h,))
-        finally:
-            for m, training in flags:
-                m.training = training
+        with restored_modes([g]):
+            return functional_call(g.train(), state, (h,))
 
     def auxiliary_modules(self) -> list[nn.Module]:
         return [self.generator]
