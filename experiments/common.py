@@ -162,7 +162,7 @@ _EPOCHS = {"fmnist_gan": 4, "fmnist_gan_w32": 4, "fmnist_vae": 8, "fmnist_lenet"
 def model_spec(run: Run, name: str) -> dict[str, Any]:
     """Recipe, overrides, training subset and epochs of a shared model: ``fmnist_gan``,
     ``fmnist_gan_w32``, ``fmnist_vae``, ``fmnist_lenet``, ``cifar_gan``, ``cifar_vae``,
-    ``cifar_wrn``."""
+    ``cifar_wrn``, ``fmnist_afv``, ``cifar_afv``."""
     recipe, overrides = _SHARED[name]
     cifar = recipe.startswith("cifar10")
     return {

@@ -47,13 +47,13 @@ def main() -> None:
     k = gan.latent_dim
     inv = invert_gan(gan.nfk_energy(), num_samples=samples, k=k, n_iter=n_iter)
     run.log(f"inversion fitted on {samples} samples, k={k}: train error {inv.train_error:.3f}")
-    nfk_rec = inv.reconstruct(gan.generator, x_test)
+    nfk_rec = inv.reconstruct(x_test)
     pca_rec = pca_reconstruction(x_train, x_test, k)
     # in distribution: held-out generated images, whose latents are known
     h = torch.randn(test_n, k, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         generated = gan.generator.eval()(h)
-    gen_rec = inv.reconstruct(gan.generator, generated)
+    gen_rec = inv.reconstruct(generated)
     latent_error = float((inv.latents(generated).double() - h.double()).square().mean())
     zero = torch.zeros_like(x_test)  # every pixel at the middle grey: a scale for the errors
     run.results["setting"] = {

@@ -263,7 +263,8 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
     def dataset(
         self, split: str, augment: bool = False, with_index: bool | None = None
     ) -> ImageTensorDataset:
-        """The ``"train"``, ``"val"``, ``"test"`` or ``"labeled"`` split (after ``setup``);
+        """The ``"train"``, ``"val"``, ``"test"``, ``"labeled"`` or ``"semi"`` split (after
+        ``setup``; the last two with a label budget);
         ``with_index`` defaults to the module's."""
         if self._splits is None:
             self.setup()

@@ -44,6 +44,15 @@ class ClassifierModule(pl.LightningModule):
     def nfk_energy(self) -> Energy:
         return ClassifierEnergy(self.net)
 
+    def setup(self, stage: str) -> None:
+        split = getattr(self.trainer.datamodule, "train_split", None)
+        if stage == "fit" and split == "semi":
+            raise ValueError(
+                "ClassifierModule trains on labels only: the data module's `train_split` is "
+                "'semi' (unlabelled images marked -1). Cure: `train_split='labeled'` for the "
+                "label budget alone, or NFKDistillationModule to use the unlabelled images."
+            )
+
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)

@@ -299,7 +299,7 @@ class NFKDistillationModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         features, logits = self._forward(x)
         # the mean over the labelled examples (all of them but under train_split="semi");
-        # a batch without labels contributes 0, not NaN, and nothing is read on the host
+        # a batch without labels contributes 0, not NaN; nothing is read on the host here
         labelled = (y != UNLABELED).sum().clamp_min(1)
         ce = F.cross_entropy(logits, y, ignore_index=UNLABELED, reduction="sum") / labelled
         self.log("train/ce", ce)

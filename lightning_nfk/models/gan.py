@@ -80,6 +80,14 @@ class GANModule(pl.LightningModule):
         nfk_score: the :class:`GANEnergy` ``score`` (``"logit"`` or ``"sigmoid"``).
         nfk_generator_mode: the :class:`GANEnergy` ``generator_mode`` (``"eval"`` or
             ``"train"``: batch statistics, as AFV samples).
+        nfk_batch_size: the :class:`GANEnergy` ``batch_size`` of the generator's samples
+            (with ``"train"``, the batch whose statistics a sample sees).
+
+    Differences from AFV's training loop (apple/ml-afv ``main.py``), deliberate: the
+    discriminator steps first and the generator then steps on the same latents against the
+    updated discriminator (AFV: the generator first); the moving average copies the live
+    generator's BatchNorm statistics (AFV's keeps its own); the hinge loss works on the
+    logits (AFV's hinge variant reads its sigmoid outputs).
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class GANModule(pl.LightningModule):
         ema_decay: float | None = None,
         nfk_score: GANScore = "logit",
         nfk_generator_mode: GeneratorMode = "eval",
+        nfk_batch_size: int = 256,
     ) -> None:
         super().__init__()
         if loss not in ("nonsaturating", "lsgan", "hinge"):
@@ -114,6 +123,7 @@ class GANModule(pl.LightningModule):
         self.nfk_num_samples = nfk_num_samples
         self.loss, self.ema_decay = loss, ema_decay
         self.nfk_score, self.nfk_generator_mode = nfk_score, nfk_generator_mode
+        self.nfk_batch_size = nfk_batch_size
         # not trained by an optimiser (no gradients): DDP leaves its parameters alone
         self.generator_ema = (
             None if ema_decay is None else copy.deepcopy(generator).requires_grad_(False)
@@ -138,6 +148,7 @@ class GANModule(pl.LightningModule):
             num_samples=self.nfk_num_samples,
             score=self.nfk_score,
             generator_mode=self.nfk_generator_mode,
+            batch_size=self.nfk_batch_size,
         )
 
     def training_step(self, batch: tuple[Tensor, ...] | Tensor, batch_idx: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_nfk.kernel import GANEnergy, LowRankNFK, kernel_mode
 from lightning_nfk.kernel.config import check_int
@@ -24,29 +24,27 @@ class GANInversion:
     """A fitted inversion: the NFK of the generated images and the linear map to latents.
 
     Attributes:
+        energy: the GAN's energy: its generator (and ``generator_mode``) makes the images.
         nfk: the discriminator's NFK, fitted on the generated images.
         weight: ``(k + 1, latent_dim)`` least-squares map from ``[e(x), 1]`` to ``h``.
         train_error: mean squared error of the map's latents on the fitting samples, per
             latent coordinate (the prior's variance is 1: 1.0 means nothing is explained).
     """
 
+    energy: GANEnergy
     nfk: LowRankNFK
     weight: Tensor
     train_error: float
 
     def latents(self, x: Tensor) -> Tensor:
-        """:math:`\\hat h(x) = [e(x), 1] W`, shape ``(n, latent_dim)``."""
-        e = self.nfk.transform(x).to(self.weight.dtype)
+        """:math:`\\hat h(x) = [e(x), 1] W`, shape ``(n, latent_dim)``, on the CPU in float64."""
+        e = self.nfk.transform(x).to(self.weight.device, self.weight.dtype)
         return _with_ones(e) @ self.weight
 
-    def reconstruct(self, generator: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-        """:math:`G(\\hat h(x))`, the generator in eval mode without gradients (its train/eval
-        flags restored), in batches of ``batch_size``."""
-        h = self.latents(x)
-        param = next(generator.parameters())
-        with kernel_mode(generator), torch.no_grad():
-            out = [generator(hb.to(param.device, param.dtype)) for hb in h.split(batch_size)]
-        return torch.cat(out)
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """:math:`G(\\hat h(x))`, drawn as the fitting images were (the energy's generator
+        and ``generator_mode``, in its ``batch_size``), without gradients."""
+        return _generate(self.energy, self.latents(x))
 
 
 def invert_gan(
@@ -85,11 +83,7 @@ def invert_gan(
         raise ValueError(f"`ridge` must be a number >= 0, got {ridge!r}.")
     g = torch.Generator(device="cpu").manual_seed(seed)
     h = torch.randn(num_samples, energy.latent_dim, generator=g, device="cpu")
-    param = next(energy.generator.parameters())
-    with kernel_mode(energy.generator), torch.no_grad():
-        images = torch.cat(
-            [energy.generator(hb.to(param.device, param.dtype)) for hb in h.split(256)]
-        )
+    images = _generate(energy, h)
     nfk = LowRankNFK(energy, k=k, **nfk_options)
     e = nfk.fit_transform(images).double().cpu()
     a = _with_ones(e)
@@ -99,7 +93,18 @@ def invert_gan(
     penalty[-1, -1] = 0.0  # the intercept is not penalised
     weight = torch.linalg.solve(gram + penalty, a.T @ h.double())
     error = float((a @ weight - h.double()).square().mean())
-    return GANInversion(nfk, weight, error)
+    return GANInversion(energy, nfk, weight, error)
+
+
+def _generate(energy: GANEnergy, h: Tensor) -> Tensor:
+    """The energy's images of the latents ``h``, in its batches, on the generator's device
+    and dtype; train/eval flags restored."""
+    param = next(energy.generator.parameters())
+    with kernel_mode(energy.generator), torch.no_grad():
+        parts = [
+            energy.generate(hb.to(param.device, param.dtype)) for hb in h.split(energy.batch_size)
+        ]
+    return torch.cat(parts)
 
 
 def _with_ones(e: Tensor) -> Tensor:

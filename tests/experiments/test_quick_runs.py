@@ -86,8 +86,8 @@ def test_quick_run(name: str, out: Path) -> None:
         t = r["table"]
         grey = t["test images: all pixels grey (0)"]
         k = r["setting"]["nfk_k"]
-        # every reconstruction beats a grey image; PCA with as many components as the
-        # latent has is a strong baseline of the pixels (a quick GAN need not reach it)
+        # PCA with as many components as the latent beats a grey image; the inversion of a
+        # quick GAN (1 epoch on 1,000 images) draws poorly: bounded, finite, not ranked
         assert 0 < t[f"test images: PCA-{k}"] < grey
         assert 0 < t["test images: NFK inversion G(W e(x))"] < 2 * grey
         assert 0 < t["fitting samples: latent error per coordinate"] < 1.0

@@ -407,3 +407,11 @@ def test_nfkd_trains_on_every_image_with_a_label_budget():
     t.fit(m, dm)
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert m.teacher_targets.train.shape[0] == 128
+
+
+def test_the_classifier_refuses_the_semi_split(tmp_path):
+    with pytest.raises(ValueError, match=r"ClassifierModule trains on labels only"):
+        trainer(tmp_path, limit_train_batches=1).fit(
+            ClassifierModule(WideResNet(10, 1, in_channels=1)),
+            data(num_labels=20, train_split="semi"),
+        )

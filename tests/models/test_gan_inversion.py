@@ -38,7 +38,7 @@ def test_reconstruct_runs_the_generator_and_restores_its_mode():
     inv = invert_gan(energy, num_samples=40, n_iter=2)
     energy.generator.train()
     x = torch.randn(5, 1, 8, 8)
-    out = inv.reconstruct(energy.generator, x)
+    out = inv.reconstruct(x)
     assert out.shape == (5, 1, 8, 8) and torch.isfinite(out).all()
     assert energy.generator.training  # restored
     with torch.no_grad():

@@ -47,7 +47,9 @@ class GANEnergy(Energy):
             statistics) or ``"train"`` (with each batch's statistics, as AFV samples; the
             generator's running statistics are left untouched). With ``"train"`` a
             sample depends on the batch it is drawn in, so the statistics differ slightly
-            with ``batch_size`` and the number of processes.
+            with ``batch_size`` and the number of processes (AFV draws its 1,024 samples
+            in one batch: ``batch_size=num_samples`` on one process). Never combine it with
+            SyncBatchNorm: the sampling would run its collectives on each rank's share.
         parameters: restrict :math:`\\theta` to these parameter-name prefixes (see
             :class:`Energy`).
 
@@ -134,9 +136,12 @@ class GANEnergy(Energy):
         with torch.no_grad():
             for i in range(start, stop, self.batch_size):
                 hb = h[i : min(i + self.batch_size, stop)].to(device=device, dtype=dtype)
-                yield self._sample(hb)
+                yield self.generate(hb)
 
-    def _sample(self, h: Tensor) -> Tensor:
+    def generate(self, h: Tensor) -> Tensor:
+        """Images of the latents ``h``, drawn as the statistics draw them (``generator_mode``;
+        with ``"train"`` the batch's own statistics: ``h`` is one batch). Without gradients
+        when called under ``torch.no_grad``, as the energy does."""
         if self.generator_mode == "eval":
             return self.generator(h)
         # batch statistics; the running statistics this forward updates are copies
