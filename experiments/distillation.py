@@ -82,6 +82,7 @@ def main() -> None:
         help="the low-label row with every training image (train_split=semi): the labelled "
         "row's steps (40 epochs of 1,000 = 4 of 10,000); 0: no semi row",
     )
+    p.add_argument("--semi-only", action="store_true", help="of the low-label rows, only semi")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for the students")
     p.add_argument("--tag", default="", help="suffix of the run names (sweeps)")
     a = p.parse_args()
@@ -191,7 +192,7 @@ def main() -> None:
             "--data.train_split=labeled",
             "--trainer.check_val_every_n_epoch=5",
         ]
-        for seed in a.low_label_seeds:
+        for seed in [] if a.semi_only else a.low_label_seeds:
             for mode in a.modes:
                 student(mode, seed, low, a.low_label_epochs, f"labels{a.low_label}")
         # the same label budget, every training image in the loader: cross-entropy on the
