@@ -255,7 +255,7 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
                 )
             labeled = balanced_label_indices(splits["train"][1], self.num_labels, self.seed)
             splits["labeled"] = (splits["train"][0][labeled], splits["train"][1][labeled], labeled)
-            hidden = torch.full_like(splits["train"][1], UNLABELED)
+            hidden = torch.full_like(splits["train"][1], UNLABELED, device="cpu")
             hidden[labeled] = splits["train"][1][labeled]
             splits["semi"] = (splits["train"][0], hidden, splits["train"][2])
         self._splits = splits
