@@ -69,6 +69,7 @@ class Run:
         self.t0 = time.time()
         self.commit = _commit()  # the code this run imported
         self.results: dict[str, Any] = {}
+        self.data_modules: dict[str, ImageDataModule] = {}  # set up once per run (data_for)
         print(
             f"[{name}] {'quick' if args.quick else 'full'} mode, results in {self.out}", flush=True
         )
@@ -203,15 +204,18 @@ def shared_recipe(run: Run, name: str, *extra: str) -> Recipe | None:
 
 
 def data_for(run: Run, name: str) -> ImageDataModule | None:
-    """The shared model's data module, set up (None: CIFAR-10 without ``--cifar-dir``)."""
-    with torch.random.fork_rng(devices=[]):  # building the model draws: restore the RNG
-        recipe = shared_recipe(run, name, "--seed_everything=false")
-    if recipe is None:
-        return None
-    dm = recipe.datamodule
-    assert isinstance(dm, ImageDataModule)
-    dm.setup()
-    return dm
+    """The shared model's data module, set up once per run (None: CIFAR-10 without
+    ``--cifar-dir``)."""
+    if name not in run.data_modules:
+        with torch.random.fork_rng(devices=[]):  # building the model draws: restore the RNG
+            recipe = shared_recipe(run, name, "--seed_everything=false")
+        if recipe is None:
+            return None
+        dm = recipe.datamodule
+        assert isinstance(dm, ImageDataModule)
+        dm.setup()
+        run.data_modules[name] = dm
+    return run.data_modules[name]
 
 
 def tensors(
