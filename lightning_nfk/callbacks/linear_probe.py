@@ -265,6 +265,12 @@ class LinearProbeCallback(Callback):
                 "epoch end, so it must run first: it is listed after LinearProbeCallback "
                 f"(positions {at} and {mine}). Cure: list NFKSpectrumCallback first."
             )
+        if spectrum.every_n_epochs is None:
+            raise ValueError(
+                "`nfk_source`='spectrum' needs NFKSpectrumCallback to fit at epoch ends on a "
+                f"linear schedule; it fits {spectrum.schedule.describe()}. Cure: give it "
+                "`every_n_epochs` (and `schedule`='linear'), or use `nfk_source`='own'."
+            )
         if self.every_n_epochs % spectrum.every_n_epochs:
             raise ValueError(
                 f"`nfk_source`='spectrum': LinearProbeCallback `every_n_epochs` "

@@ -1,4 +1,4 @@
-"""NFKSpectrumCallback: how low-rank a model's Neural Fisher Kernel is, epoch by epoch.
+"""NFKSpectrumCallback: how low-rank a model's Neural Fisher Kernel is, over training.
 
 Zhang et al., ICLR 2022, Section 4 and Fig. 2 (explained variance of the NFK against the
 number of components), computed with :class:`lightning_nfk.kernel.LowRankNFK`.
@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_nfk._io import atomic_write
+from lightning_nfk.callbacks.schedule import FitSchedule, Spacing, StepClock
 from lightning_nfk.kernel import (
     LowRankNFK,
     NFKConfig,
@@ -49,7 +50,8 @@ from lightning_nfk.trainer_utils import (
 
 
 class NFKSpectrumCallback(Callback):
-    """Fit a rank-``k`` NFK on a fixed probe set every ``every_n_epochs`` epochs and log its spectrum.
+    """Fit a rank-``k`` NFK on a fixed probe set on a schedule of epochs or training steps,
+    and log its spectrum.
 
     The module must implement the NFK protocol (``nfk_energy()``, see
     :mod:`lightning_nfk.protocol`). The probe set is ``probe_size`` examples drawn
@@ -71,11 +73,30 @@ class NFKSpectrumCallback(Callback):
       squared sine of the principal angles between this and the previous fit's top-k left
       singular subspace on the probe set (0: unchanged, 1: orthogonal; not logged at the
       first fit). The probe-set embeddings come free with the last pass;
-    * ``nfk/seconds``: wall time of the fit.
+    * ``nfk/seconds``: wall time of the fit;
+    * ``nfk/cost_in_steps``: the fit's wall time in units of a training step of the same
+      run (the mean time from one training batch's start to the next, within stretches of
+      training: validation, epoch ends and the callbacks' own work excluded; measured
+      without a host sync). Choose a schedule by its price: fitting every n steps adds
+      about ``cost_in_steps / n`` to the training time. Not logged before the trainer has
+      run two batches.
 
-    A plot of :math:`c_j` against j (log axis), this epoch over the earlier ones as in the
-    paper's Fig. 2, is written to ``<log_dir>/nfk_spectrum/epoch=NNN.png`` and sent to
-    TensorBoard when that logger is used; on rank zero only.
+    Schedules, as Lightning's ``ModelCheckpoint``: ``every_n_epochs`` (at epoch ends; the
+    default, every epoch) or ``every_n_train_steps`` (after the optimizer step of the
+    batch at which ``trainer.global_step`` reaches the point, logged per step), and
+    ``schedule="log"`` for points at n, 2n, 4n, 8n, ... (dense early, when the spectrum
+    moves fastest; about log2 of the training length fits in all) instead of n, 2n, 3n.
+    Every scalar is in ``trainer.callback_metrics`` when the fit's hook ends, so
+    ``ModelCheckpoint(monitor="nfk/effective_rank")`` and ``EarlyStopping`` can use them:
+    Lightning runs both after the other callbacks, whatever the order listed. (An
+    ``EarlyStopping`` that checks at validation end, ``check_on_train_epoch_end=False``,
+    runs before the epoch-end fit and sees the previous fit's values.)
+
+    Plots (rank zero only; also sent to TensorBoard when that logger is used), in
+    ``<log_dir>/nfk_spectrum/``: :math:`c_j` against j (log axis), this fit over the
+    earlier ones as in the paper's Fig. 2 (``epoch=NNN.png`` or ``step=NNNNNNN.png``), and
+    ``heatmap.png``: each component's share :math:`\\sigma_j^2 / T` (log colour) against
+    j and the fit's epoch or step, redrawn at each fit.
 
     The callback never changes the training: the NFK runs in eval mode on a parameter
     snapshot, and the global RNG, the train/eval mode and the optimizer are untouched.
@@ -91,7 +112,11 @@ class NFKSpectrumCallback(Callback):
             ``probe_size`` and ``n_iter``; BENCHMARKS.md ("NFKSpectrumCallback overhead")
             has it measured against a training epoch.
         probe_split: ``"train"`` or ``"val"``.
-        every_n_epochs: fit after every n-th training epoch.
+        every_n_epochs: fit at epoch ends, every n-th (default when neither this nor
+            ``every_n_train_steps`` is set: 1).
+        every_n_train_steps: fit after training steps (``trainer.global_step``), every
+            n-th; exclusive with ``every_n_epochs``.
+        schedule: ``"linear"`` (n, 2n, 3n, ...) or ``"log"`` (n, 2n, 4n, 8n, ...).
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
             fit, with ``k``, ``oversample``, ``n_iter`` and ``seed``.
         seed: seed of the probe draw and of the random sketch.
@@ -105,7 +130,8 @@ class NFKSpectrumCallback(Callback):
         config: the :class:`NFKConfig` of every fit.
         nfk: the last fitted :class:`LowRankNFK` (None before the first fit), for other
             callbacks such as :class:`LinearProbeCallback`.
-        history: one dict per fit (epoch, metrics, cumulative explained variance).
+        schedule: the :class:`~lightning_nfk.callbacks.schedule.FitSchedule` of the fits.
+        history: one dict per fit (epoch, step, metrics, cumulative explained variance).
     """
 
     def __init__(
@@ -115,7 +141,9 @@ class NFKSpectrumCallback(Callback):
         n_iter: int = 3,
         probe_size: int = 512,
         probe_split: Literal["train", "val"] = "train",
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+        schedule: Spacing = "linear",
         damping: float = 1e-8,
         strategy: Strategy = "auto",
         dtype: torch.dtype | None = None,
@@ -137,23 +165,35 @@ class NFKSpectrumCallback(Callback):
             chunk_size=chunk_size,
         )
         check_int("probe_size", probe_size, 1)
-        check_int("every_n_epochs", every_n_epochs, 1)
+        self.schedule = FitSchedule.from_arguments(every_n_epochs, every_n_train_steps, schedule)
         self.config.check_columns(probe_size, f"`probe_size` ({probe_size})", "raise `probe_size`")
         if probe_split not in ("train", "val"):
             raise ValueError(f"`probe_split` must be 'train' or 'val', got {probe_split!r}.")
         self.probe_size, self.probe_split = probe_size, probe_split
-        self.every_n_epochs, self.plot = every_n_epochs, plot
+        self.plot = plot
         self.nfk: LowRankNFK | None = None
         self.history: list[dict[str, Any]] = []
         self.probe_indices: Tensor | None = None
         self._previous_phi: Tensor | None = None
         self._probe_x: Tensor | None = None
+        self._clock = StepClock()
+        self._last_step = 0  # trainer.global_step at the last batch end seen
+
+    @property
+    def every_n_epochs(self) -> int | None:
+        """The epoch interval of a linear epoch schedule, else None."""
+        s = self.schedule
+        return s.every if s.unit == "epoch" and s.spacing == "linear" else None
 
     @property
     def state_key(self) -> str:
         # every setting that makes two instances' histories differ (strategy, memory budget
         # and chunk size change the round-off only)
-        c = self.config
+        c, s = self.config, self.schedule
+        # the schedule's newer settings enter the key only when set, so that checkpoints
+        # written before they existed keep their key
+        newer = {"unit": s.unit} if s.unit == "step" else {}
+        newer |= {"schedule": s.spacing} if s.spacing == "log" else {}
         return self._generate_state_key(
             k=c.k,
             oversample=c.oversample,
@@ -163,7 +203,8 @@ class NFKSpectrumCallback(Callback):
             seed=c.seed,
             probe_size=self.probe_size,
             probe_split=self.probe_split,
-            every_n_epochs=self.every_n_epochs,
+            every_n_epochs=s.every,
+            **newer,
         )
 
     @override
@@ -189,13 +230,42 @@ class NFKSpectrumCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.datamodule is None:  # loaders passed to fit() exist only now
             self._check_probe_set(trainer)
+        self._clock, self._last_step = StepClock(), trainer.global_step
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._clock.batch_start()
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        before, self._last_step = self._last_step, trainer.global_step
+        if self.schedule.unit == "step" and self.schedule.due(before, trainer.global_step):
+            self._fit_now(trainer, pl_module, per_step=True)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clock.pause()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
+        self._clock.pause()
+        epochs = trainer.current_epoch + 1
+        if self.schedule.unit == "epoch" and self.schedule.due(epochs - 1, epochs):
+            self._fit_now(trainer, pl_module, per_step=False)
+
+    def _fit_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_step: bool) -> None:
         with deferred_interrupts(trainer):  # Ctrl-C / SIGTERM: every rank stops together
-            self._run_fit(trainer, pl_module)
+            self._run_fit(trainer, pl_module, per_step)
+        self._clock.pause()
 
     # -- work -----------------------------------------------------------------------------------
     def _check_probe_set(self, trainer: pl.Trainer) -> None:
@@ -220,7 +290,7 @@ class NFKSpectrumCallback(Callback):
             self._probe_x, _ = stack_items(dataset, local_shard(trainer, self.probe_indices)[0])
         return self._probe_x.to(device)
 
-    def _run_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, per_step: bool) -> None:
         reduce = strategy_sum(trainer)
         with torch.random.fork_rng(devices=rng_devices(pl_module)):
             x = self._local_probe(trainer, pl_module.device)
@@ -242,18 +312,36 @@ class NFKSpectrumCallback(Callback):
             "nfk/k90": float(components_for(nfk.singular_values, nfk.total_variance, 0.9)),
             "nfk/seconds": seconds,
         }
+        cost = self._clock.in_steps(seconds)
+        if cost is not None:
+            metrics["nfk/cost_in_steps"] = cost
         if self._previous_phi is not None and self._previous_phi.shape == phi.shape:
             metrics["nfk/subspace_drift"] = subspace_drift(
                 self._previous_phi, phi.to(self._previous_phi.device)
             )
         self._previous_phi = phi.cpu()
         for name, value in metrics.items():
+            # per epoch: Lightning asks for sync_dist under DDP (a mean of equals, except the
+            # ranks' own clocks); per step: into callback_metrics only (for ModelCheckpoint
+            # and EarlyStopping), the loggers get them below
+            sync = not per_step and trainer.world_size > 1
             pl_module.log(
-                name, value, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1
+                name,
+                value,
+                on_step=per_step,
+                on_epoch=not per_step,
+                sync_dist=sync,
+                logger=not per_step,
             )
+        if per_step:
+            # Lightning sends step values to the loggers every `log_every_n_steps` steps only:
+            # a fit is rare and costly, so its figures go out at once, at trainer.global_step
+            for logger in trainer.loggers:
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, trainer.global_step)
         self.history.append(
             {
                 "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
                 "cumulative": cumulative_explained_variance(
                     nfk.singular_values, nfk.total_variance
                 ).tolist(),
@@ -263,6 +351,9 @@ class NFKSpectrumCallback(Callback):
         if self.plot:
             # log_dir broadcasts under DDP: resolved on every rank, used on rank zero only
             self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
+
+    def _label(self, h: dict[str, Any]) -> str:
+        return f"step {h['step']}" if self.schedule.unit == "step" else f"epoch {h['epoch']}"
 
     @rank_zero_only
     def _plot(self, trainer: pl.Trainer, out: Path) -> None:
@@ -282,7 +373,7 @@ class NFKSpectrumCallback(Callback):
                 color="crimson" if last else cmap(i / max(n - 1, 1)),
                 lw=2 if last else 1,
                 alpha=1 if last else 0.6,
-                label=f"epoch {h['epoch']}" if last or i == 0 else None,
+                label=self._label(h) if last or i == 0 else None,
             )
         ax.set_xscale("log")
         ax.set_xlabel("number of components j")
@@ -291,14 +382,56 @@ class NFKSpectrumCallback(Callback):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right")
         ax.set_title("NFK spectrum on the probe set")
+        name = (
+            f"step={trainer.global_step:07d}"
+            if self.schedule.unit == "step"
+            else f"epoch={trainer.current_epoch:03d}"
+        )
+        self._save(trainer, fig, out / f"{name}.png", "nfk/spectrum")
+        self._save(trainer, self._heatmap(plt), out / "heatmap.png", "nfk/spectrum_heatmap")
+
+    def _heatmap(self, plt: Any) -> Any:
+        """Each component's share of the trace, sigma_j^2 / T (log colour), against j and
+        the fits so far (one row per fit, in order)."""
+        import numpy as np
+        from matplotlib.colors import LogNorm
+
+        width = max(len(h["cumulative"]) for h in self.history)
+        shares = np.full((len(self.history), width), np.nan)
+        for i, h in enumerate(self.history):
+            c = np.asarray(h["cumulative"], dtype=np.float64)
+            shares[i, : len(c)] = np.diff(c, prepend=0.0)
+        shares[~(shares > 0)] = np.nan  # log colour: a zero share is left blank
+        fig, ax = plt.subplots(figsize=(6, 1.6 + 0.18 * min(len(self.history), 40)))
+        finite = shares[np.isfinite(shares)]
+        norm = LogNorm(finite.min(), finite.max()) if finite.size else None
+        im = ax.imshow(
+            shares,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="magma",
+            norm=norm,
+            extent=(0.5, width + 0.5, len(self.history) - 0.5, -0.5),
+        )
+        ticks = np.unique(np.linspace(0, len(self.history) - 1, min(len(self.history), 8)).round())
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([self._label(self.history[int(t)]) for t in ticks])
+        ax.set_xlabel("component j")
+        ax.set_title("NFK spectrum over training: $\\sigma_j^2 / \\mathrm{tr}$")
+        fig.colorbar(im, ax=ax, label="share of the trace")
+        return fig
+
+    @staticmethod
+    def _save(trainer: pl.Trainer, fig: Any, path: Path, tag: str) -> None:
+        import matplotlib.pyplot as plt
+
         fig.tight_layout()
         atomic_write(  # whole or absent: a viewer never shows half a PNG
-            out / f"epoch={trainer.current_epoch:03d}.png",
-            lambda tmp: fig.savefig(tmp, dpi=100, format="png"),
+            path, lambda tmp: fig.savefig(tmp, dpi=100, format="png")
         )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("nfk/spectrum", fig, global_step=trainer.global_step)
+                logger.experiment.add_figure(tag, fig, global_step=trainer.global_step)
         plt.close(fig)
 
     # -- state ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import CSVLogger
 from lightning_nfk.callbacks import LinearProbeCallback, NFKSpectrumCallback
 from tests.helpers.data import RandomImageDataModule
 from tests.helpers.lightning import tiny_classifier
-from tests.helpers.processes import child_watchdog
+from tests.helpers.processes import TIMINGS, child_watchdog
 
 
 def _run(tmp_path, devices: int) -> dict[str, float]:
@@ -49,11 +49,7 @@ def _run(tmp_path, devices: int) -> dict[str, float]:
     out = {}
     for row in rows:
         for key, value in row.items():
-            if (
-                value
-                and (key.startswith("nfk/") or key.startswith("probe/"))
-                and key != "nfk/seconds"
-            ):
+            if value and key.startswith(("nfk/", "probe/")) and key not in TIMINGS:
                 out[f"{key}@{row['epoch']}"] = float(value)
     return out
 

@@ -79,7 +79,7 @@ def test_logs_spectrum_metrics_equal_to_a_direct_fit(tmp_path):
     rows = [r for r in _csv_metrics(trainer) if r.get("nfk/sigma_1")]
     assert len(rows) == 2
     plots = sorted((tmp_path / "logs" / "version_0" / "nfk_spectrum").glob("*.png"))
-    assert [p.name for p in plots] == ["epoch=000.png", "epoch=001.png"]
+    assert [p.name for p in plots] == ["epoch=000.png", "epoch=001.png", "heatmap.png"]
     assert plots[-1].stat().st_size > 5000
 
 

@@ -211,15 +211,19 @@ def wait_for_nfk_fit(run: Run, timeout: float = 120) -> None:
         pytest.fail(f"watchdog: no NFK fit started in {timeout} s:\n{run.output[-3000:]}")
 
 
+# wall times: they differ between any two runs
+TIMINGS = ("nfk/seconds", "nfk/cost_in_steps")
+
+
 def logged_metrics(version_dir: Path) -> dict[str, float]:
     """``name@epoch`` -> value of every nfk/ and probe/ scalar in a CSVLogger's metrics.csv
-    (``nfk/seconds`` left out: a wall time)."""
+    (the ``TIMINGS`` left out)."""
     with open(version_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     out = {}
     for row in rows:
         for key, value in row.items():
-            if value and key.startswith(("nfk/", "probe/")) and key != "nfk/seconds":
+            if value and key.startswith(("nfk/", "probe/")) and key not in TIMINGS:
                 out[f"{key}@{row['epoch']}"] = float(value)
     return out
 
