@@ -6,6 +6,7 @@ number of components), computed with :class:`lightning_nfk.kernel.LowRankNFK`.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +74,10 @@ class NFKSpectrumCallback(Callback):
       squared sine of the principal angles between this and the previous fit's top-k left
       singular subspace on the probe set (0: unchanged, 1: orthogonal; not logged at the
       first fit). The probe-set embeddings come free with the last pass;
+    * ``nfk/products``: passes over the probe set the subspace iteration took (besides
+      the statistics pass; ``n_iter + 1`` unless ``tol`` or a warm start stopped it early);
+    * ``nfk/residual``: the largest relative residual of the top k Ritz pairs, a bound on
+      the eigenvalues' relative error (not logged for ``n_iter = 0``);
     * ``nfk/seconds``: wall time of the fit;
     * ``nfk/cost_in_steps``: the fit's wall time in units of a training step of the same
       run (the mean time from one training batch's start to the next, within stretches of
@@ -117,6 +122,14 @@ class NFKSpectrumCallback(Callback):
         every_n_train_steps: fit after training steps (``trainer.global_step``), every
             n-th; exclusive with ``every_n_epochs``.
         schedule: ``"linear"`` (n, 2n, 3n, ...) or ``"log"`` (n, 2n, 4n, 8n, ...).
+        warm_start: start each fit's subspace iteration from the previous fit's components
+            (same parameters), the rest of the sketch Gaussian, and stop it once its
+            residuals reach ``tol`` (default: the largest top-k residual of the first,
+            cold fit of this run), ``n_iter`` iterations at most: the sketch continues
+            rather than restarts, and a model that moved little costs one or two passes.
+        tol: stop every fit's subspace iteration once all top-k relative residuals are at
+            most ``tol`` (``n_iter`` stays the cap); None: ``n_iter`` iterations (cold) or
+            the cold fit's residual (warm).
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
             fit, with ``k``, ``oversample``, ``n_iter`` and ``seed``.
         seed: seed of the probe draw and of the random sketch.
@@ -144,6 +157,8 @@ class NFKSpectrumCallback(Callback):
         every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         schedule: Spacing = "linear",
+        warm_start: bool = False,
+        tol: float | None = None,
         damping: float = 1e-8,
         strategy: Strategy = "auto",
         dtype: torch.dtype | None = None,
@@ -170,7 +185,15 @@ class NFKSpectrumCallback(Callback):
         if probe_split not in ("train", "val"):
             raise ValueError(f"`probe_split` must be 'train' or 'val', got {probe_split!r}.")
         self.probe_size, self.probe_split = probe_size, probe_split
-        self.plot = plot
+        if not isinstance(warm_start, bool):
+            raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}.")
+        if tol is not None and (
+            isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf
+        ):
+            raise ValueError(f"`tol` must be a finite number > 0 or None, got {tol!r}.")
+        self.plot, self.warm_start, self.tol = plot, warm_start, tol
+        self._cold_residual: float | None = None  # the first cold fit's, for warm starts
+        self._nfk_layout: list = []  # the parameters (names, shapes) of `nfk`'s components
         self.nfk: LowRankNFK | None = None
         self.history: list[dict[str, Any]] = []
         self.probe_indices: Tensor | None = None
@@ -194,6 +217,8 @@ class NFKSpectrumCallback(Callback):
         # written before they existed keep their key
         newer = {"unit": s.unit} if s.unit == "step" else {}
         newer |= {"schedule": s.spacing} if s.spacing == "log" else {}
+        newer |= {"warm_start": True} if self.warm_start else {}
+        newer |= {"tol": self.tol} if self.tol is not None else {}
         return self._generate_state_key(
             k=c.k,
             oversample=c.oversample,
@@ -295,23 +320,31 @@ class NFKSpectrumCallback(Callback):
         with torch.random.fork_rng(devices=rng_devices(pl_module)):
             x = self._local_probe(trainer, pl_module.device)
             start = time.perf_counter()
-            nfk = LowRankNFK(nfk_energy_of(pl_module), self.config, reduce=reduce)
+            energy = nfk_energy_of(pl_module)
+            warm, tol, layout = self._warm_start(energy)
+            nfk = LowRankNFK(energy, self.config, reduce=reduce)
             with progress_bar(trainer, "NFK spectrum") as update:
                 # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
-                emb = nfk.fit_transform(x, progress=update)
+                emb = nfk.fit_transform(x, progress=update, start=warm, tol=tol)
             phi, _ = torch.linalg.qr(
                 gather_rows(emb, reduce).double()
             )  # orthonormal basis of span(Phi)
             seconds = time.perf_counter() - start
-        self.nfk = nfk
+        self.nfk, self._nfk_layout = nfk, layout
         metrics = {
             "nfk/sigma_1": float(nfk.singular_values[0]),
             "nfk/explained_variance": float(nfk.explained_variance_ratio.sum()),
             "nfk/effective_rank": effective_rank(nfk.singular_values),
             "nfk/stable_rank": stable_rank(nfk.singular_values, nfk.total_variance),
             "nfk/k90": float(components_for(nfk.singular_values, nfk.total_variance, 0.9)),
+            "nfk/products": float(nfk.products),
             "nfk/seconds": seconds,
         }
+        residual = float(nfk.residuals.max())
+        if math.isfinite(residual):
+            metrics["nfk/residual"] = residual
+            if warm is None and self._cold_residual is None:
+                self._cold_residual = residual
         cost = self._clock.in_steps(seconds)
         if cost is not None:
             metrics["nfk/cost_in_steps"] = cost
@@ -351,6 +384,26 @@ class NFKSpectrumCallback(Callback):
         if self.plot:
             # log_dir broadcasts under DDP: resolved on every rank, used on rank zero only
             self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
+
+    def _warm_start(self, energy: Any) -> tuple[Tensor | None, float | None, list]:
+        """The start and tolerance of this fit, and the kernel's parameter layout (names
+        and shapes in order: the components' rows). The start is the previous fit's
+        components when ``warm_start`` and the layout is unchanged, else None."""
+        layout = [
+            (n, tuple(p.shape))
+            for n, p in energy.module.named_parameters()
+            if p.requires_grad and energy.defines_kernel(n)
+        ]
+        prev = self.nfk
+        if (
+            not self.warm_start
+            or prev is None
+            or prev.strategy_used == "dense"
+            or layout != self._nfk_layout
+        ):
+            return None, self.tol, layout
+        tol = self.tol if self.tol is not None else self._cold_residual
+        return prev.components, tol, layout
 
     def _label(self, h: dict[str, Any]) -> str:
         return f"step {h['step']}" if self.schedule.unit == "step" else f"epoch {h['epoch']}"

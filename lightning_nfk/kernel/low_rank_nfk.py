@@ -9,6 +9,7 @@ SVD), computed by randomized subspace iteration (Halko et al. 2011, see
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 from typing import Any
@@ -159,6 +160,11 @@ class LowRankNFK:
         return self.result.residuals
 
     @property
+    def products(self) -> int:
+        """Products :math:`V^\\top V Z` (passes besides the statistics) the fit took."""
+        return self.result.products
+
+    @property
     def total_variance(self) -> Tensor:
         """:math:`\\|V\\|_F^2 = \\operatorname{tr} K`."""
         return self.result.total_variance
@@ -237,7 +243,14 @@ class LowRankNFK:
         return self._fit_embedding
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, data: Data, progress: Progress | None = None) -> LowRankNFK:
+    def fit(
+        self,
+        data: Data,
+        progress: Progress | None = None,
+        *,
+        start: Tensor | None = None,
+        tol: float | None = None,
+    ) -> LowRankNFK:
         """Fit the rank-``k`` NFK on ``data`` (this process's shard of the fitting set).
 
         Args:
@@ -247,6 +260,13 @@ class LowRankNFK:
                 spectrum, but then ``fit_embedding`` is not available.
             progress: called with the number of examples of each chunk processed, in every
                 pass over ``data`` (at most ``n_iter + 2`` passes), e.g. ``bar.update``.
+            start: a warm start for the subspace iteration: (P, s) directions in the
+                kernel's parameter space, s <= k + oversample, typically an earlier fit's
+                ``components`` of the same model (the rest of the sketch is Gaussian).
+                Ignored by the ``dense`` strategy.
+            tol: stop the subspace iteration once every top-k relative residual is at most
+                ``tol`` (``n_iter`` iterations at most; ``products`` says how many passes
+                it took). With ``start`` near the answer, one or two passes.
 
         Returns:
             self.
@@ -254,11 +274,18 @@ class LowRankNFK:
         Raises:
             ValueError: before any pass: empty or augmented data, ``k + oversample >
                 min(N, P)``, a dense problem over ``memory_budget``, an energy that does not
-                return one deterministic scalar per example of its own; after the
+                return one deterministic scalar per example of its own, a ``start`` of
+                another shape than (P, s <= k + oversample) or not finite, a ``tol`` that
+                is not a positive number; after the
                 statistics: identical examples or a zero kernel (``||V||_F = 0``, else found
                 after the passes; the previous fit is then kept). Raised on every rank.
             NonFiniteGradientError: when some scores or per-example gradients are not finite.
         """
+        if tol is not None and (
+            isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0)
+        ):
+            raise ValueError(f"`tol` must be a number > 0 or None, got {tol!r}.")
+        self._check_start(start)
         op = prepare_fisher_vectors(
             self.energy, data, self.config, reduce=self.reduce, progress=progress
         )
@@ -266,8 +293,11 @@ class LowRankNFK:
         # the passes enter kernel_mode themselves; the sketch's algebra between them (QR,
         # Rayleigh-Ritz, the dense eigendecomposition) needs its float32/64 as well
         with kernel_mode(op.energy):
-            fit = self._fit_dense if op.strategy == "dense" else self._fit_randomized
-            sigma, components, residuals, total, exact, embedding = fit(op, data, progress)
+            if op.strategy == "dense":
+                found = self._fit_dense(op, data, progress)
+            else:
+                found = self._fit_randomized(op, data, progress, start, tol)
+            sigma, components, residuals, total, exact, embedding, products = found
         if not total > 0:
             raise ValueError(
                 "The Fisher vectors of the fitting data are all zero (||V||_F = 0): the kernel "
@@ -286,8 +316,24 @@ class LowRankNFK:
             strategy=op.strategy,
             mean_score=op.statistics.mean_score,
             fisher_diagonal=op.statistics.fisher_diagonal,
+            products=products,
         )
         return self
+
+    def _check_start(self, start: Tensor | None) -> None:
+        """Before any pass: the rows are checked against P once the operator exists (in
+        ``subspace_iteration``), the columns and the type here."""
+        if start is None:
+            return
+        if not isinstance(start, Tensor) or not start.is_floating_point() or start.ndim != 2:
+            what = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+            raise ValueError(f"`start` must be a floating-point (P, s) tensor, got {what}.")
+        l = self.config.k + self.config.oversample
+        if not 1 <= start.shape[1] <= l:
+            raise ValueError(
+                f"`start` must have between 1 and k + oversample = {l} columns, got "
+                f"{start.shape[1]}."
+            )
 
     def _fit_dense(self, op: FisherVectors, data: Data, progress: Progress | None):
         local = op.local_materialize(data, progress)
@@ -295,9 +341,16 @@ class LowRankNFK:
         sigma, right, _ = exact_decomposition(v, self.config.k)
         total = frobenius_squared(v).item()
         residuals = torch.zeros(self.config.k, dtype=torch.float64, device="cpu")
-        return sigma.to(op.dtype), right, residuals, total, True, local @ right
+        return sigma.to(op.dtype), right, residuals, total, True, local @ right, 0
 
-    def _fit_randomized(self, op: FisherVectors, data: Data, progress: Progress | None):
+    def _fit_randomized(
+        self,
+        op: FisherVectors,
+        data: Data,
+        progress: Progress | None,
+        start: Tensor | None,
+        tol: float | None,
+    ):
         # the first pass (its ||V||_F^2) and the last (its rows); not every pass's P x l
         # product, which would hold n_iter + 1 sketches in memory
         passes: list[PassResult] = []
@@ -320,19 +373,34 @@ class LowRankNFK:
             generator=torch.Generator().manual_seed(self.config.seed),
             dtype=op.dtype,
             device=op.device,
+            start=start,
+            tol=tol,
         )
         total, exact = op.statistics.sum_of_squares, True
         if total is None:
             total = passes[0].sum_of_squares
         if total is None:
             total, exact = ritz.trace_estimate.item(), False
+            if math.isnan(total):
+                raise ValueError(
+                    "||V||_F^2 is estimated here from the Gaussian columns of the sketch, and "
+                    f"`start` filled all {self.config.k + self.config.oversample}. Cure: give "
+                    "`start` fewer columns than k + oversample."
+                )
         rows, w = passes[-1].rows, ritz.coefficients
         embedding = None if w is None else rows @ w.to(rows.dtype)  # V P = (V Z) W
         sigma = ritz.eigenvalues.sqrt().to(op.dtype).cpu()
-        return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact, embedding
+        return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact, embedding, ritz.products
 
     # -- embeddings ---------------------------------------------------------------------------
-    def fit_transform(self, data: Data, progress: Progress | None = None) -> Tensor:
+    def fit_transform(
+        self,
+        data: Data,
+        progress: Progress | None = None,
+        *,
+        start: Tensor | None = None,
+        tol: float | None = None,
+    ) -> Tensor:
         """:meth:`fit` on ``data``, then the (n_local, k) embeddings of this process's
         fitting examples: ``fit_embedding`` (free from the last pass) when the fit has it,
         else :meth:`transform` of ``data`` (one more pass, e.g. for ``n_iter = 0``).
@@ -341,7 +409,7 @@ class LowRankNFK:
             RuntimeError: ``data`` is a loader with a random sampler (see
                 ``fit_embedding``): its order cannot be recovered.
         """
-        self.fit(data, progress)
+        self.fit(data, progress, start=start, tol=tol)
         embedding = self.fit_embedding
         return embedding if embedding is not None else self.transform(data)
 

@@ -38,6 +38,9 @@ class NFKFit:
         mean_score: (P,) mean score :math:`z`, or None when the energy does not centre.
         fisher_diagonal: (P,) diagonal Fisher :math:`I` (float64), or None when the energy
             does not normalise.
+        products: products :math:`V^\\top V Z` the subspace iteration took (passes over
+            the fitting data besides the statistics; ``n_iter + 1`` unless ``tol`` stopped
+            it early), 0 for ``dense`` and for states saved before it was recorded.
     """
 
     singular_values: Tensor
@@ -50,6 +53,7 @@ class NFKFit:
     strategy: str
     mean_score: Tensor | None
     fisher_diagonal: Tensor | None
+    products: int = 0
 
     @property
     def eigenvalues(self) -> Tensor:

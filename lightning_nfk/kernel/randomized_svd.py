@@ -14,6 +14,13 @@ the data, so ``n_iter`` iterations plus the final product cost ``n_iter + 1`` pa
 the SVD step of the paper's algorithm without keeping :math:`Y`. ``orth`` is Householder QR
 in at least float32 (float32 Cholesky-QR of :math:`V^\\top V Z` broke down at condition numbers near 3e4).
 
+Warm start (``start``): the first columns of the test matrix are given (e.g. the previous
+fit's components, for a model that trained a little since), the rest Gaussian, so the
+iteration continues from a subspace near the answer instead of a random one. With ``tol``
+the iteration stops once every top-k Ritz pair's relative residual is at most ``tol``
+(``n_iter`` stays the cap): a warm start then takes only the passes it needs. The check
+is a Rayleigh-Ritz step on the (Z, A Z) the iteration holds anyway: no extra pass.
+
 ``n_iter = 0`` (one pass) would make that Rayleigh-Ritz step act on a random subspace, so
 it instead takes Halko et al.'s basic scheme (their Algorithms 4.1 and 5.1, :math:`q = 0`)
 from the same single pass: with :math:`Y = V Z_0`, :math:`Q = Y R^{-1}` where
@@ -24,6 +31,7 @@ kept for this one-pass case (float64 small algebra; residuals are not available:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +65,7 @@ class RitzPairs:
             the Gaussian test matrix (first pass), float64.
         coefficients: (l, k) W with ``vectors = Z W`` for the Z of the last product (so
             :math:`V \\cdot` vectors :math:`= (V Z) W`), float64; None for ``n_iter = 0``.
+        products: the products :math:`A Z` computed (passes over the data).
     """
 
     eigenvalues: Tensor
@@ -64,6 +73,7 @@ class RitzPairs:
     residuals: Tensor
     trace_estimate: Tensor
     coefficients: Tensor | None = None
+    products: int = 0
 
 
 def orthonormalize(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,6 +94,8 @@ def subspace_iteration(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    start: Tensor | None = None,
+    tol: float | None = None,
 ) -> RitzPairs:
     """Top-``k`` eigenpairs of a PSD operator given only ``Z -> A Z``.
 
@@ -97,12 +109,17 @@ def subspace_iteration(
             every process.
         dtype: dtype of the test matrix and products.
         device: device of the products.
+        start: (dim, s) first columns of the test matrix, s <= l (a warm start: e.g. the
+            previous fit's components); the other ``l - s`` columns are Gaussian.
+        tol: stop once every top-``k`` relative residual is at most ``tol`` (checked
+            after each product; ``n_iter`` iterations at most).
 
     Returns:
         The :class:`RitzPairs`.
 
     Raises:
-        ValueError: if ``k + oversample > dim`` or ``n_iter < 0``.
+        ValueError: if ``k + oversample > dim``, ``n_iter < 0``, or ``start`` is not a
+            finite (dim, s <= l) matrix.
     """
     l = k + oversample
     if k < 1 or oversample < 0 or l > dim:
@@ -112,30 +129,55 @@ def subspace_iteration(
         )
     if n_iter < 0:
         raise ValueError(f"`n_iter` must be >= 0, got {n_iter}.")
-    omega = torch.randn(dim, l, generator=generator, dtype=dtype, device="cpu").to(device)
+    if start is not None and not (
+        start.ndim == 2 and start.shape[0] == dim and 1 <= start.shape[1] <= l
+    ):
+        raise ValueError(
+            f"`start` must be a ({dim}, s) matrix with 1 <= s <= k + oversample = {l}, got "
+            f"shape {tuple(start.shape)}."
+        )
+    s = 0 if start is None else start.shape[1]
+    omega = torch.randn(dim, l - s, generator=generator, dtype=dtype, device="cpu").to(device)
+    if start is not None:
+        if not bool(torch.isfinite(start).all()):
+            raise ValueError("`start` holds NaN or infinite entries.")
+        omega = torch.cat([start.to(device, dtype), omega], dim=1)
     z, r = orthonormalize(omega)
     del omega  # P x l: one sketch less in memory for the whole fit
     m = normal_matmat(z)
-    # ||V Omega||_F^2 / l with Omega = Z R: tr(R^T (Z^T A Z) R) / l.
+    # Hutchinson on the Gaussian columns G = Z R_g: ||V G||_F^2 / (l - s) =
+    # tr(R_g^T (Z^T A Z) R_g) / (l - s); NaN when every column was given
     h0 = _inner64(z, m)
-    trace_estimate = torch.trace(r.double().T @ h0 @ r.double()) / l
-    if n_iter == 0:
+    r_g = r[:, s:].double()
+    trace_estimate = torch.trace(r_g.T @ h0 @ r_g) / (l - s) if l > s else h0.new_tensor(math.nan)
+    products = 1
+    if n_iter == 0 and start is None:
         return _single_pass(z, m, k, trace_estimate)
+    # the Rayleigh-Ritz step costs O(P l^2) in float64: after every product only with `tol`
+    ritz = _rayleigh_ritz(z, m, k) if tol is not None else None
     for _ in range(n_iter):
+        if ritz is not None and bool(ritz[2].max() <= tol):
+            break
         z, _ = orthonormalize(m)
         m = normal_matmat(z)
-    h = _inner64(z, m)
-    h = 0.5 * (h + h.T)
-    evals, w = torch.linalg.eigh(h)  # ascending
-    evals, w = evals.flip(0)[:k], w.flip(1)[:, :k]
+        products += 1
+        ritz = _rayleigh_ritz(z, m, k) if tol is not None else None
+    evals, w, residuals = ritz if ritz is not None else _rayleigh_ritz(z, m, k)
     vectors = z @ w.to(z.dtype)
-    # Residual of each Ritz pair: ||M w - lambda Z w|| (M w = A Z w), relative to lambda.
+    return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate, w, products)
+
+
+def _rayleigh_ritz(z: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` Ritz values and coefficients W (float64) of A on span(Z), from M = A Z,
+    and each pair's relative residual :math:`\\|M w - \\lambda Z w\\| / \\lambda`."""
+    h = _inner64(z, m)
+    evals, w = torch.linalg.eigh(0.5 * (h + h.T))  # ascending
+    evals, w = evals.flip(0)[:k], w.flip(1)[:, :k]
     res = torch.zeros_like(evals)
     for zb, mb in zip(z.split(_ROWS64), m.split(_ROWS64)):
         res += (mb.double() @ w - (zb.double() @ w) * evals).square().sum(dim=0)
-    res = res.sqrt()
-    residuals = res / evals.abs().clamp_min(torch.finfo(torch.float64).tiny)
-    return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate, w)
+    residuals = res.sqrt() / evals.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    return evals, w, residuals
 
 
 def _single_pass(z: Tensor, m: Tensor, k: int, trace_estimate: Tensor) -> RitzPairs:
@@ -156,4 +198,4 @@ def _single_pass(z: Tensor, m: Tensor, k: int, trace_estimate: Tensor) -> RitzPa
     inv = torch.where(sigma > 0, 1.0 / sigma, torch.zeros_like(sigma))
     vectors = (bt @ u * inv).to(z.dtype)
     residuals = torch.full((k,), float("nan"), dtype=torch.float64, device="cpu")
-    return RitzPairs(evals, vectors, residuals, trace_estimate)
+    return RitzPairs(evals, vectors, residuals, trace_estimate, products=1)

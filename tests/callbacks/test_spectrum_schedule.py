@@ -1,6 +1,6 @@
 """NFKSpectrumCallback on the training's clock: step and log-spaced schedules, the cost of
-a fit in training steps, the spectrum heatmap, and nfk/* and probe/* scalars monitored by
-ModelCheckpoint and EarlyStopping through the CLI."""
+a fit in training steps, warm starts, the spectrum heatmap, and nfk/* and probe/* scalars
+monitored by ModelCheckpoint and EarlyStopping through the CLI."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 import yaml
 from pytorch_lightning.loggers import CSVLogger
 
@@ -67,8 +68,10 @@ def test_schedule_arguments():
         ({"every_n_train_steps": 0}, ValueError, r"`every_n_train_steps` must be >= 1, got 0"),
         ({"every_n_train_steps": 2.5}, TypeError, r"`every_n_train_steps` must be an int"),
         ({"schedule": "cosine"}, ValueError, r"`schedule` must be 'linear' or 'log', got 'cosine'"),
+        ({"warm_start": 1}, TypeError, r"`warm_start` must be a bool, got 1"),
+        ({"tol": -1e-3}, ValueError, r"`tol` must be a finite number > 0 or None, got -0.001"),
     ],
-    ids=["both", "zero", "float", "spacing"],
+    ids=["both", "zero", "float", "spacing", "warm", "tol"],
 )
 def test_invalid_schedules(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -127,6 +130,30 @@ def test_cost_in_steps_counts_training_steps_only(tmp_path):
     assert [("nfk/cost_in_steps" in h) for h in cb.history] == [True, True]
 
 
+def test_warm_starts_take_fewer_passes_for_the_same_spectrum(tmp_path):
+    # the training is the same with either callback (tested bit for bit elsewhere): the
+    # two runs fit the same weights at the same steps
+    options = {**CB, "n_iter": 6, "every_n_train_steps": 1, "plot": False, "strategy": "blocked"}
+    cold, warm = NFKSpectrumCallback(**options), NFKSpectrumCallback(**options, warm_start=True)
+    _fit(tmp_path / "cold", cold, max_epochs=1)
+    _fit(tmp_path / "warm", warm, max_epochs=1)
+    assert [h["step"] for h in warm.history] == [1, 2, 3, 4]
+    assert [h["nfk/products"] for h in cold.history] == [7.0] * 4
+    assert warm.history[0]["nfk/products"] == 7.0  # the first fit is cold
+    assert sum(h["nfk/products"] for h in warm.history) < sum(
+        h["nfk/products"] for h in cold.history
+    )
+    tol = warm.history[0]["nfk/residual"]  # later fits stop at the first fit's residual
+    n, eps32 = CB["probe_size"], torch.finfo(torch.float32).eps
+    for hc, hw in zip(cold.history[1:], warm.history[1:]):
+        assert hw["nfk/residual"] <= tol
+        # the top eigenvalue of both fits is within its residual of the truth; float32
+        # round-off of the sums over n probe rows on top
+        s_c, s_w = hc["nfk/sigma_1"] ** 2, hw["nfk/sigma_1"] ** 2
+        bound = hc["nfk/residual"] + hw["nfk/residual"] + n * eps32
+        assert abs(s_w - s_c) / s_c <= bound, (hc["step"], s_w, s_c, bound)
+
+
 def test_probe_refuses_to_share_a_step_scheduled_fit(tmp_path):
     spectrum = NFKSpectrumCallback(**CB, every_n_train_steps=2, plot=False)
     probe = LinearProbeCallback(nfk_source="spectrum", k=4, max_train=64, max_val=32)
@@ -159,9 +186,7 @@ def test_checkpoint_and_early_stopping_monitor_nfk_and_probe_scalars(tmp_path):
     cli = build_cli(["fit", "--config", str(path)])
     (spectrum,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, NFKSpectrumCallback)]
     assert [h["epoch"] for h in spectrum.history] == [0, 1]  # stopped early, after epoch 1
-    (best,) = [
-        cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "nfk/effective_rank"
-    ]
+    (best,) = [cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "nfk/effective_rank"]
     ranks = [h["nfk/effective_rank"] for h in spectrum.history]
     assert best.best_model_score.item() == pytest.approx(max(ranks), rel=1e-6)
     assert Path(best.best_model_path).name == f"rank-epoch={ranks.index(max(ranks))}.ckpt"
