@@ -69,3 +69,55 @@ def test_ddp_figures_equal_single_process(single_and_ddp):
         # float32 sums over 101 probe rows split 50/51: round-off well below 101 * eps32;
         # the drift is ~0 (lr = 0: the same weights at both epochs), hence the absolute part
         assert two[key] == pytest.approx(value, rel=2e-5, abs=1e-5), key
+
+
+def _step_run(tmp_path, devices: int) -> dict[int, dict[str, float]]:
+    """step -> the nfk/ scalars of a warm-started, log-scheduled step monitor (CSV rows)."""
+    pl.seed_everything(0)
+    cb = NFKSpectrumCallback(
+        k=4,
+        oversample=6,
+        n_iter=4,
+        probe_size=101,
+        strategy="blocked",
+        every_n_train_steps=1,
+        schedule="log",  # steps 1, 2, 4
+        warm_start=True,
+        plot=False,
+    )
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        limit_train_batches=2,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[cb],
+    )
+    with child_watchdog(240, f"the {devices}-process ddp_spawn run"):
+        trainer.fit(tiny_classifier(batch_norm=False, lr=0.0), RandomImageDataModule(batch_size=16))
+    with open(f"{tmp_path}/logs/version_0/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("nfk/sigma_1")]
+    return {
+        int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("nfk/") and v}
+        for r in rows
+    }
+
+
+def test_step_schedule_and_warm_starts_under_ddp(tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GLOO_SOCKET_IFNAME", "lo")
+        one, two = _step_run(tmp_path / "one", 1), _step_run(tmp_path / "two", 2)
+    assert sorted(one) == sorted(two) == [1, 2, 4]
+    for step in (2, 4):  # lr = 0: the same operator, so the warm start is the answer
+        assert one[step]["nfk/products"] <= 2 and two[step]["nfk/products"] <= 2
+    for step, figures in one.items():
+        # each fit within its residual of the truth; float32 sums over 101 rows on top
+        bound = figures["nfk/residual"] + two[step]["nfk/residual"] + 1e-4
+        for key in ("nfk/sigma_1", "nfk/explained_variance", "nfk/effective_rank"):
+            assert two[step][key] == pytest.approx(figures[key], rel=bound), (step, key)
