@@ -25,7 +25,12 @@ from lightning_nfk.kernel import GANEnergy
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=("fashion_mnist", "cifar10"), default="fashion_mnist")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (full: 8, about 70 minutes on 2 cores)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (full: 8, about 70 minutes on 2 cores)",
+    )
     args = p.parse_args()
     name = "fmnist_afv" if args.dataset == "fashion_mnist" else "cifar_afv"
     run = common.Run(f"afv_trend_{args.dataset}", args)
