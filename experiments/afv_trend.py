@@ -31,11 +31,20 @@ def main() -> None:
         default=None,
         help="training epochs (full: 8, about 70 minutes on 2 cores)",
     )
+    p.add_argument(
+        "--upto",
+        type=int,
+        default=None,
+        help="probe only the checkpoints up to this epoch, cached by an earlier run stopped "
+        "on the way (default: train to --epochs and probe all)",
+    )
     args = p.parse_args()
     name = "fmnist_afv" if args.dataset == "fashion_mnist" else "cifar_afv"
     run = common.Run(f"afv_trend_{args.dataset}", args)
     epochs = args.epochs or run.pick(1, 8)
     checkpoints = sorted({0, 1, *range(0, epochs + 1, max(1, epochs // 4)), epochs})
+    last = epochs if args.upto is None else min(args.upto, epochs)
+    probed = [c for c in checkpoints if c <= last]
     fit_n, test_n = run.pick(200, 5000), run.pick(200, 5000)
     k, n_iter = run.pick(8, 128), run.pick(1, 5)
     dm = common.data_for(run, name)
@@ -43,12 +52,13 @@ def main() -> None:
         raise SystemExit(f"{name} needs --cifar-dir")
     fit, test = common.tensors(dm, "train", fit_n), common.tensors(dm, "test", test_n)
     t0 = time.time()
-    common.shared_model(run, name, epochs=epochs, keep=checkpoints)  # trains once, cached
+    common.shared_model(run, name, last, epochs=epochs, keep=checkpoints)  # trains once, cached
     run.results["training_minutes"] = round((time.time() - t0) / 60, 1)
     run.results["setting"] = {
         "recipe": common.model_spec(run, name)["recipe"],
         "epochs": epochs,
-        "checkpoints": checkpoints,
+        "checkpoints": probed,
+        "trained_to": last,
         "fit_n": fit_n,
         "test_n": test_n,
         "k": k,
@@ -57,7 +67,7 @@ def main() -> None:
     }
     trend: dict[str, dict[str, float]] = {}
     gan = None
-    for at in checkpoints:
+    for at in probed:
         gan = common.shared_model(run, name, at, epochs=epochs, keep=checkpoints)
         # quick mode: fewer generator samples for the statistics (the recipe's 1,024 would
         # cost five times the fitting set's 200 examples)
