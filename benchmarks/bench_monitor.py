@@ -12,8 +12,9 @@ and predicted from the callback's own ``nfk/cost_in_steps`` (fits x cost / steps
 
 Warm against cold: at every ``--every`` steps of one training run, a probe callback fits
 the same weights twice with the engine (``LowRankNFK``), cold (``n_iter`` iterations) and
-warm (from the previous warm fit's components, stopped at the first cold fit's largest
-residual, as ``NFKSpectrumCallback(warm_start=True)`` does), in alternating order.
+warm (from the previous warm fit's components, stopped once each component's residual
+is at most its residual in the first cold fit, as ``NFKSpectrumCallback(warm_start=True)``
+does), in alternating order.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class SideBySide(pl.Callback):
         self.x, self.every, self.options = x, every, options
         self.rows: list[dict[str, Any]] = []
         self.warm: LowRankNFK | None = None
-        self.tol: float | None = None
+        self.tol: torch.Tensor | None = None  # the first cold fit's (k,) residuals
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every:
@@ -153,7 +154,7 @@ class SideBySide(pl.Callback):
                 fitted[which] = nfk
         cold, warm = fitted["cold"], fitted["warm"]
         if self.tol is None:
-            self.tol = row["cold_residual"]
+            self.tol = cold.residuals
         self.warm = warm
         lam_c, lam_w = cold.singular_values.double() ** 2, warm.singular_values.double() ** 2
         row["rel_diff"] = float(((lam_w - lam_c).abs() / lam_c).max())

@@ -43,8 +43,13 @@ def main() -> None:
     run = common.Run(f"afv_trend_{args.dataset}", args)
     epochs = args.epochs or run.pick(1, 8)
     checkpoints = sorted({0, 1, *range(0, epochs + 1, max(1, epochs // 4)), epochs})
-    last = epochs if args.upto is None else min(args.upto, epochs)
+    if args.upto is not None and args.upto < 0:
+        raise SystemExit(f"--upto must be >= 0, got {args.upto}")
+    # the last checkpoint at or before --upto
+    last = max(c for c in checkpoints if c <= (epochs if args.upto is None else args.upto))
     probed = [c for c in checkpoints if c <= last]
+    if args.upto is not None and last > 0 and not common.cached(run, name, last, epochs):
+        raise SystemExit(f"--upto: epoch {last} of {epochs} is not cached in {run.cache}")
     fit_n, test_n = run.pick(200, 5000), run.pick(200, 5000)
     k, n_iter = run.pick(8, 128), run.pick(1, 5)
     dm = common.data_for(run, name)

@@ -239,6 +239,15 @@ class _SaveAt(pl.Callback):
             torch.save(pl_module.state_dict(), self.path(e))
 
 
+def _cache_path(run: Run, name: str, at: int, epochs: int) -> Path:
+    return run.cache / f"{name}-e{at}-of{epochs}.pt"
+
+
+def cached(run: Run, name: str, at: int, epochs: int) -> bool:
+    """Whether the shared model ``name`` after ``at`` of ``epochs`` epochs is on disk."""
+    return _cache_path(run, name, at, epochs).exists()
+
+
 def shared_model(
     run: Run,
     name: str,
@@ -256,7 +265,7 @@ def shared_model(
     at = epochs if at is None else at
 
     def path(e: int) -> Path:
-        return run.cache / f"{name}-e{e}-of{epochs}.pt"
+        return _cache_path(run, name, e, epochs)
 
     recipe = shared_recipe(run, name, f"--trainer.max_epochs={epochs}")  # seeds as `fit` does
     if recipe is None:

@@ -32,7 +32,7 @@ from lightning_nfk.kernel import (
     stable_rank,
     subspace_drift,
 )
-from lightning_nfk.kernel.config import check_int
+from lightning_nfk.kernel.config import check_int, check_tol
 from lightning_nfk.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
     check_items,
@@ -75,16 +75,18 @@ class NFKSpectrumCallback(Callback):
       singular subspace on the probe set (0: unchanged, 1: orthogonal; not logged at the
       first fit). The probe-set embeddings come free with the last pass;
     * ``nfk/products``: passes over the probe set the subspace iteration took (besides
-      the statistics pass; ``n_iter + 1`` unless ``tol`` or a warm start stopped it early);
+      the statistics pass; ``n_iter + 1`` unless ``tol`` or a warm start stopped it early;
+      0 for the ``dense`` strategy, which forms V in one pass instead);
     * ``nfk/residual``: the largest relative residual of the top k Ritz pairs, a bound on
-      the eigenvalues' relative error (not logged for ``n_iter = 0``);
+      the eigenvalues' relative error (0 for ``dense``; not logged for a cold
+      ``n_iter = 0`` fit, which has none);
     * ``nfk/seconds``: wall time of the fit;
     * ``nfk/cost_in_steps``: the fit's wall time in units of a training step of the same
-      run (the mean time from one training batch's start to the next, within stretches of
-      training: validation, epoch ends and the callbacks' own work excluded; measured
-      without a host sync). Choose a schedule by its price: fitting every n steps adds
-      about ``cost_in_steps / n`` to the training time. Not logged before the trainer has
-      run two batches.
+      run, a step as ``trainer.global_step`` counts them (measured between batch starts
+      within stretches of training: validation, epoch ends and this callback's fits
+      excluded; without a host sync). Choose a schedule by its price: fitting every n
+      steps adds about ``cost_in_steps / n`` to the training time, plus the plots when
+      ``plot`` (outside the fit's time). Not logged before a step has been timed.
 
     Schedules, as Lightning's ``ModelCheckpoint``: ``every_n_epochs`` (at epoch ends; the
     default, every epoch) or ``every_n_train_steps`` (after the optimizer step of the
@@ -95,7 +97,9 @@ class NFKSpectrumCallback(Callback):
     ``ModelCheckpoint(monitor="nfk/effective_rank")`` and ``EarlyStopping`` can use them:
     Lightning runs both after the other callbacks, whatever the order listed. (An
     ``EarlyStopping`` that checks at validation end, ``check_on_train_epoch_end=False``,
-    runs before the epoch-end fit and sees the previous fit's values.)
+    runs before the epoch-end fit and sees the previous fit's values; so does a
+    ``ModelCheckpoint`` that saves at validation end or every n steps off the fit's
+    schedule.)
 
     Plots (rank zero only; also sent to TensorBoard when that logger is used), in
     ``<log_dir>/nfk_spectrum/``: :math:`c_j` against j (log axis), this fit over the
@@ -123,13 +127,17 @@ class NFKSpectrumCallback(Callback):
             n-th; exclusive with ``every_n_epochs``.
         schedule: ``"linear"`` (n, 2n, 3n, ...) or ``"log"`` (n, 2n, 4n, 8n, ...).
         warm_start: start each fit's subspace iteration from the previous fit's components
-            (same parameters), the rest of the sketch Gaussian, and stop it once its
-            residuals reach ``tol`` (default: the largest top-k residual of the first,
-            cold fit of this run), ``n_iter`` iterations at most: the sketch continues
-            rather than restarts, and a model that moved little costs one or two passes.
+            (same parameters), the rest of the sketch Gaussian, and stop it once each
+            top-k residual is at most ``tol`` (default: that component's residual in the
+            run's first, cold fit: equal accuracy component by component), ``n_iter``
+            iterations at most: the sketch continues rather than restarts, and a model
+            that moved little costs a pass or two. Needs a randomized strategy
+            (``"blocked"``, ``"matrix_free"``, or ``"auto"`` when it picks one: a warning
+            says when it picked ``"dense"``, exact and without iterations) and an exact
+            trace (the previous fit's ``total_variance_is_exact``); else the fit is cold.
         tol: stop every fit's subspace iteration once all top-k relative residuals are at
             most ``tol`` (``n_iter`` stays the cap); None: ``n_iter`` iterations (cold) or
-            the cold fit's residual (warm).
+            the cold fit's residuals (warm).
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
             fit, with ``k``, ``oversample``, ``n_iter`` and ``seed``.
         seed: seed of the probe draw and of the random sketch.
@@ -187,13 +195,18 @@ class NFKSpectrumCallback(Callback):
         self.probe_size, self.probe_split = probe_size, probe_split
         if not isinstance(warm_start, bool):
             raise TypeError(f"`warm_start` must be a bool, got {warm_start!r}.")
-        if tol is not None and (
-            isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf
-        ):
-            raise ValueError(f"`tol` must be a finite number > 0 or None, got {tol!r}.")
+        check_tol("tol", tol)
+        if strategy == "dense" and (warm_start or tol is not None):
+            raise ValueError(
+                f"`warm_start` ({warm_start}) and `tol` ({tol}) steer the subspace iteration, "
+                "which `strategy`='dense' does not run (it is exact). Cure: drop them, or "
+                "use `strategy`='blocked'."
+            )
         self.plot, self.warm_start, self.tol = plot, warm_start, tol
-        self._cold_residual: float | None = None  # the first cold fit's, for warm starts
-        self._nfk_layout: list = []  # the parameters (names, shapes) of `nfk`'s components
+        # the first cold fit's (k,) residuals: the warm fits' tolerance
+        self._cold_residuals: Tensor | None = None
+        self._warned = False
+        self._nfk_layout: list = []  # the kernel_layout() of `nfk`'s components
         self.nfk: LowRankNFK | None = None
         self.history: list[dict[str, Any]] = []
         self.probe_indices: Tensor | None = None
@@ -261,7 +274,7 @@ class NFKSpectrumCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._clock.batch_start()
+        self._clock.batch_start(trainer.global_step)
 
     @override
     def on_train_batch_end(
@@ -343,8 +356,19 @@ class NFKSpectrumCallback(Callback):
         residual = float(nfk.residuals.max())
         if math.isfinite(residual):
             metrics["nfk/residual"] = residual
-            if warm is None and self._cold_residual is None:
-                self._cold_residual = residual
+            if warm is None and self._cold_residuals is None:
+                self._cold_residuals = nfk.residuals.cpu()
+        if nfk.strategy_used == "dense" and (self.warm_start or self.tol):
+            self._warn_once(
+                "`strategy`='auto' chose 'dense' (exact, no iteration) for this probe set, so "
+                "`warm_start` and `tol` have no effect. Set `strategy`='blocked' to use them."
+            )
+        elif self.warm_start and not nfk.total_variance_is_exact:
+            self._warn_once(
+                "the kernel's trace is estimated from the sketch's Gaussian columns here (no "
+                "statistics cover the probe set), which a warm start would thin out: the "
+                "fits stay cold. Use `strategy`='blocked' for an exact trace."
+            )
         cost = self._clock.in_steps(seconds)
         if cost is not None:
             metrics["nfk/cost_in_steps"] = cost
@@ -368,9 +392,12 @@ class NFKSpectrumCallback(Callback):
             )
         if per_step:
             # Lightning sends step values to the loggers every `log_every_n_steps` steps only:
-            # a fit is rare and costly, so its figures go out at once, at trainer.global_step
+            # a fit is rare and costly, so its figures go out at once, at the x position
+            # Lightning gives this batch's own step values
+            step = _logger_step(trainer)
             for logger in trainer.loggers:
-                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, trainer.global_step)
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step)
+                logger.save()
         self.history.append(
             {
                 "epoch": trainer.current_epoch,
@@ -385,25 +412,30 @@ class NFKSpectrumCallback(Callback):
             # log_dir broadcasts under DDP: resolved on every rank, used on rank zero only
             self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
 
-    def _warm_start(self, energy: Any) -> tuple[Tensor | None, float | None, list]:
-        """The start and tolerance of this fit, and the kernel's parameter layout (names
-        and shapes in order: the components' rows). The start is the previous fit's
-        components when ``warm_start`` and the layout is unchanged, else None."""
-        layout = [
-            (n, tuple(p.shape))
-            for n, p in energy.module.named_parameters()
-            if p.requires_grad and energy.defines_kernel(n)
-        ]
+    def _warm_start(self, energy: Any) -> tuple[Tensor | None, Any, list]:
+        """The start and tolerance of this fit, and the kernel's parameter layout (the
+        components' rows). The start is the previous fit's components when ``warm_start``,
+        the layout is unchanged and the previous fit's trace was exact (a warm sketch has
+        fewer Gaussian columns for an estimate), else None."""
+        layout = energy.kernel_layout()
         prev = self.nfk
         if (
             not self.warm_start
             or prev is None
             or prev.strategy_used == "dense"
+            or not prev.total_variance_is_exact
             or layout != self._nfk_layout
         ):
             return None, self.tol, layout
-        tol = self.tol if self.tol is not None else self._cold_residual
+        tol = self.tol if self.tol is not None else self._cold_residuals
+        if isinstance(tol, Tensor) and not bool(((tol > 0) & tol.isfinite()).all()):
+            tol = None  # a cold fit converged to round-off (0) or without residuals (NaN)
         return prev.components, tol, layout
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(f"NFKSpectrumCallback: {message}")
 
     def _label(self, h: dict[str, Any]) -> str:
         return f"step {h['step']}" if self.schedule.unit == "step" else f"epoch {h['epoch']}"
@@ -418,7 +450,10 @@ class NFKSpectrumCallback(Callback):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         cmap = plt.get_cmap("viridis")
         n = len(self.history)
-        for i, h in enumerate(self.history):
+        # the first fit and the last 19: a drawing whose cost does not grow with the run
+        # (the heatmap keeps them all)
+        for i in sorted({0, *range(max(n - 19, 0), n)}):
+            h = self.history[i]
             last = i == n - 1
             ax.plot(
                 range(1, len(h["cumulative"]) + 1),
@@ -501,6 +536,7 @@ class NFKSpectrumCallback(Callback):
             "history": self.history,
             "probe_indices": self.probe_indices,
             "previous_phi": self._previous_phi,
+            "cold_residuals": self._cold_residuals,
         }
 
     @override
@@ -508,4 +544,13 @@ class NFKSpectrumCallback(Callback):
         self.history = list(state_dict.get("history", []))
         self.probe_indices = state_dict.get("probe_indices")
         self._previous_phi = state_dict.get("previous_phi")
+        self._cold_residuals = state_dict.get("cold_residuals")
         self._probe_x = None
+
+
+def _logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs this batch's values at: the count of batches that stepped
+    before it (Lightning's ``_batches_that_stepped``, a private counter; the global step
+    minus one where it is absent)."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", max(trainer.global_step - 1, 0)))

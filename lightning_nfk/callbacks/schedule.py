@@ -67,30 +67,32 @@ class FitSchedule:
 
 
 class StepClock:
-    """Mean wall time of a training step (one training batch: forward, backward and the
-    optimizer steps of that batch, data loading included), without a host sync.
+    """Mean wall time of a training step, as ``trainer.global_step`` counts them (an
+    optimizer step: with gradient accumulation several batches, for a GAN's two
+    optimizers half a batch), data loading included, without a host sync.
 
-    It sums the time between consecutive batch starts within a stretch of training; a
-    stretch ends at anything that is not training (an epoch end, validation, a fit), so
-    the callbacks' own work is never counted. On an accelerator the batch starts follow
-    the device once its queue is full, so the mean is the device's pace.
+    It sums, over consecutive batch starts within a stretch of training, the time between
+    them and the steps taken; a stretch ends at anything that is not training (an epoch
+    end, validation, this callback's fit), so that time is not counted. Other callbacks'
+    per-batch work (e.g. a checkpoint every n steps) is. On an accelerator the batch
+    starts follow the device once its queue is full, so the mean is the device's pace.
     """
 
     def __init__(self) -> None:
         self.seconds, self.steps = 0.0, 0
-        self._last: float | None = None
+        self._last: tuple[float, int] | None = None
 
-    def batch_start(self) -> None:
+    def batch_start(self, global_step: int) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            self.seconds += now - self._last
-            self.steps += 1
-        self._last = now
+            self.seconds += now - self._last[0]
+            self.steps += global_step - self._last[1]
+        self._last = (now, global_step)
 
     def pause(self) -> None:
         """The stretch ends: the time until the next batch start is not training."""
         self._last = None
 
     def in_steps(self, seconds: float) -> float | None:
-        """``seconds`` in units of the mean training step (None before two batches)."""
-        return seconds * self.steps / self.seconds if self.steps and self.seconds > 0 else None
+        """``seconds`` in units of the mean training step (None before a step is timed)."""
+        return seconds * self.steps / self.seconds if self.steps > 0 and self.seconds > 0 else None

@@ -4,6 +4,7 @@ operator (:class:`OperatorOptions`), and :class:`NFKConfig`, which holds both.""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -193,3 +194,11 @@ def check_int(name: str, value: object, minimum: int | None, optional: bool = Fa
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+
+
+def check_tol(name: str, value: object) -> None:
+    """``ValueError`` unless ``value`` is None or a finite real number > 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")

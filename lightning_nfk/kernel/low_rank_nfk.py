@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_nfk._io import atomic_torch_save
 from lightning_nfk.kernel._data import Data, check_data, has_fixed_order
-from lightning_nfk.kernel.config import NFKConfig
+from lightning_nfk.kernel.config import NFKConfig, check_tol
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.fisher_vectors import FisherVectors, PassResult, Progress
@@ -249,7 +249,7 @@ class LowRankNFK:
         progress: Progress | None = None,
         *,
         start: Tensor | None = None,
-        tol: float | None = None,
+        tol: float | Tensor | None = None,
     ) -> LowRankNFK:
         """Fit the rank-``k`` NFK on ``data`` (this process's shard of the fitting set).
 
@@ -261,12 +261,13 @@ class LowRankNFK:
             progress: called with the number of examples of each chunk processed, in every
                 pass over ``data`` (at most ``n_iter + 2`` passes), e.g. ``bar.update``.
             start: a warm start for the subspace iteration: (P, s) directions in the
-                kernel's parameter space, s <= k + oversample, typically an earlier fit's
-                ``components`` of the same model (the rest of the sketch is Gaussian).
-                Ignored by the ``dense`` strategy.
+                kernel's parameter space, s < k + oversample, typically an earlier fit's
+                ``components`` of the same model (the other columns of the sketch are
+                Gaussian). Ignored by the ``dense`` strategy.
             tol: stop the subspace iteration once every top-k relative residual is at most
-                ``tol`` (``n_iter`` iterations at most; ``products`` says how many passes
-                it took). With ``start`` near the answer, one or two passes.
+                ``tol`` (a number, or a (k,) tensor: one per component, e.g. an earlier
+                fit's ``residuals``), ``n_iter`` iterations at most; ``products`` says how
+                many passes it took. Ignored by the ``dense`` strategy.
 
         Returns:
             self.
@@ -275,16 +276,13 @@ class LowRankNFK:
             ValueError: before any pass: empty or augmented data, ``k + oversample >
                 min(N, P)``, a dense problem over ``memory_budget``, an energy that does not
                 return one deterministic scalar per example of its own, a ``start`` of
-                another shape than (P, s <= k + oversample) or not finite, a ``tol`` that
-                is not a positive number; after the
+                another shape than (P, s < k + oversample) or not finite, a ``tol`` that
+                is not positive and finite; after the
                 statistics: identical examples or a zero kernel (``||V||_F = 0``, else found
                 after the passes; the previous fit is then kept). Raised on every rank.
             NonFiniteGradientError: when some scores or per-example gradients are not finite.
         """
-        if tol is not None and (
-            isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0)
-        ):
-            raise ValueError(f"`tol` must be a number > 0 or None, got {tol!r}.")
+        self._check_tol(tol)
         self._check_start(start)
         op = prepare_fisher_vectors(
             self.energy, data, self.config, reduce=self.reduce, progress=progress
@@ -320,20 +318,37 @@ class LowRankNFK:
         )
         return self
 
+    def _check_tol(self, tol: object) -> None:
+        if isinstance(tol, Tensor):
+            k = self.config.k
+            if tol.shape != (k,) or not bool(((tol > 0) & tol.isfinite()).all()):
+                raise ValueError(
+                    f"`tol` as a tensor must hold k = {k} finite numbers > 0, got shape "
+                    f"{tuple(tol.shape)}."
+                )
+        else:
+            check_tol("tol", tol)
+
     def _check_start(self, start: Tensor | None) -> None:
-        """Before any pass: the rows are checked against P once the operator exists (in
-        ``subspace_iteration``), the columns and the type here."""
+        """Before any pass: shape (P, s < k + oversample), floating point, finite."""
         if start is None:
             return
-        if not isinstance(start, Tensor) or not start.is_floating_point() or start.ndim != 2:
-            what = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
-            raise ValueError(f"`start` must be a floating-point (P, s) tensor, got {what}.")
+        p = sum(math.prod(shape) for _, shape in self.energy.kernel_layout())
         l = self.config.k + self.config.oversample
-        if not 1 <= start.shape[1] <= l:
+        shape = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+        if (
+            not isinstance(start, Tensor)
+            or not start.is_floating_point()
+            or start.ndim != 2
+            or start.shape[0] != p
+            or not 1 <= start.shape[1] < l
+        ):
             raise ValueError(
-                f"`start` must have between 1 and k + oversample = {l} columns, got "
-                f"{start.shape[1]}."
+                f"`start` must be a floating-point (P, s) tensor with P = {p} (the kernel's "
+                f"parameters) and 1 <= s < k + oversample = {l}, got {shape}."
             )
+        if not bool(torch.isfinite(start).all()):
+            raise ValueError("`start` holds NaN or infinite entries.")
 
     def _fit_dense(self, op: FisherVectors, data: Data, progress: Progress | None):
         local = op.local_materialize(data, progress)
@@ -349,7 +364,7 @@ class LowRankNFK:
         data: Data,
         progress: Progress | None,
         start: Tensor | None,
-        tol: float | None,
+        tol: float | Tensor | None,
     ):
         # the first pass (its ||V||_F^2) and the last (its rows); not every pass's P x l
         # product, which would hold n_iter + 1 sketches in memory
@@ -375,18 +390,13 @@ class LowRankNFK:
             device=op.device,
             start=start,
             tol=tol,
+            agree=self.reduce,
         )
         total, exact = op.statistics.sum_of_squares, True
         if total is None:
             total = passes[0].sum_of_squares
         if total is None:
             total, exact = ritz.trace_estimate.item(), False
-            if math.isnan(total):
-                raise ValueError(
-                    "||V||_F^2 is estimated here from the Gaussian columns of the sketch, and "
-                    f"`start` filled all {self.config.k + self.config.oversample}. Cure: give "
-                    "`start` fewer columns than k + oversample."
-                )
         rows, w = passes[-1].rows, ritz.coefficients
         embedding = None if w is None else rows @ w.to(rows.dtype)  # V P = (V Z) W
         sigma = ritz.eigenvalues.sqrt().to(op.dtype).cpu()
@@ -399,7 +409,7 @@ class LowRankNFK:
         progress: Progress | None = None,
         *,
         start: Tensor | None = None,
-        tol: float | None = None,
+        tol: float | Tensor | None = None,
     ) -> Tensor:
         """:meth:`fit` on ``data``, then the (n_local, k) embeddings of this process's
         fitting examples: ``fit_embedding`` (free from the last pass) when the fit has it,

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from lightning_nfk.kernel.energies.base import Energy
 
-STATE_VERSION = 3  # 3: the snapshot keyed by the module's own parameter names
-READABLE = (2, 3)
+STATE_VERSION = 4  # 3: the snapshot keyed by the module's own parameter names; 4: `products`
+READABLE = (2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,15 @@ class NFKFit:
 
 def migrate(state: dict[str, Any]) -> dict[str, Any]:
     """A state of an earlier format in the current one. Version 2 keyed the snapshot by
-    the names of an internal wrapper (``net.`` before the module's names)."""
+    the names of an internal wrapper (``net.`` before the module's names); versions 2 and 3
+    did not record ``products`` (0: unknown)."""
     if state["version"] == 2:
-        state = {**state, "version": STATE_VERSION}
+        state = {**state, "version": 3}
         for part in ("theta", "constants"):
             state[part] = {n.removeprefix("net."): t for n, t in state[part].items()}
+    if state["version"] == 3:
+        state = {**state, "version": STATE_VERSION}
+        state["result"] = {**state["result"], "products": 0}
     return state
 
 

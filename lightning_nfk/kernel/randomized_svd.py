@@ -16,10 +16,14 @@ in at least float32 (float32 Cholesky-QR of :math:`V^\\top V Z` broke down at co
 
 Warm start (``start``): the first columns of the test matrix are given (e.g. the previous
 fit's components, for a model that trained a little since), the rest Gaussian, so the
-iteration continues from a subspace near the answer instead of a random one. With ``tol``
-the iteration stops once every top-k Ritz pair's relative residual is at most ``tol``
-(``n_iter`` stays the cap): a warm start then takes only the passes it needs. The check
-is a Rayleigh-Ritz step on the (Z, A Z) the iteration holds anyway: no extra pass.
+iteration continues from a subspace near the answer instead of a random one; at least one
+column stays Gaussian (it finds directions the start lacks, and estimates the trace).
+With ``tol`` (a number, or one per component) the iteration stops once every top-k Ritz
+pair's relative residual is at most its tolerance (``n_iter`` stays the cap): a warm
+start then takes only the passes it needs. The check is a Rayleigh-Ritz step on the
+(Z, A Z) the iteration holds anyway: no extra pass. Under DDP the ranks agree on the stop
+through ``agree`` (a sum over processes of each rank's "not yet" flag), so that no rank
+runs a product the others skip, whatever the round-off of their own QR and eigh.
 
 ``n_iter = 0`` (one pass) would make that Rayleigh-Ritz step act on a random subspace, so
 it instead takes Halko et al.'s basic scheme (their Algorithms 4.1 and 5.1, :math:`q = 0`)
@@ -31,7 +35,6 @@ kept for this one-pass case (float64 small algebra; residuals are not available:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,7 +98,8 @@ def subspace_iteration(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     start: Tensor | None = None,
-    tol: float | None = None,
+    tol: float | Tensor | None = None,
+    agree: Callable[[Tensor], Tensor] | None = None,
 ) -> RitzPairs:
     """Top-``k`` eigenpairs of a PSD operator given only ``Z -> A Z``.
 
@@ -109,17 +113,20 @@ def subspace_iteration(
             every process.
         dtype: dtype of the test matrix and products.
         device: device of the products.
-        start: (dim, s) first columns of the test matrix, s <= l (a warm start: e.g. the
+        start: (dim, s) first columns of the test matrix, s < l (a warm start: e.g. the
             previous fit's components); the other ``l - s`` columns are Gaussian.
-        tol: stop once every top-``k`` relative residual is at most ``tol`` (checked
-            after each product; ``n_iter`` iterations at most).
+        tol: stop once every top-``k`` relative residual is at most ``tol`` (a number, or
+            a (k,) tensor: one per component), checked after each product; ``n_iter``
+            iterations at most.
+        agree: the sum over processes (e.g. ``all_reduce`` SUM) that makes the ranks
+            stop together; None: one process.
 
     Returns:
         The :class:`RitzPairs`.
 
     Raises:
         ValueError: if ``k + oversample > dim``, ``n_iter < 0``, or ``start`` is not a
-            finite (dim, s <= l) matrix.
+            finite (dim, s < l) matrix.
     """
     l = k + oversample
     if k < 1 or oversample < 0 or l > dim:
@@ -130,11 +137,11 @@ def subspace_iteration(
     if n_iter < 0:
         raise ValueError(f"`n_iter` must be >= 0, got {n_iter}.")
     if start is not None and not (
-        start.ndim == 2 and start.shape[0] == dim and 1 <= start.shape[1] <= l
+        start.ndim == 2 and start.shape[0] == dim and 1 <= start.shape[1] < l
     ):
         raise ValueError(
-            f"`start` must be a ({dim}, s) matrix with 1 <= s <= k + oversample = {l}, got "
-            f"shape {tuple(start.shape)}."
+            f"`start` must be a ({dim}, s) matrix with 1 <= s < k + oversample = {l} (one "
+            f"column at least stays Gaussian), got shape {tuple(start.shape)}."
         )
     s = 0 if start is None else start.shape[1]
     omega = torch.randn(dim, l - s, generator=generator, dtype=dtype, device="cpu").to(device)
@@ -145,18 +152,19 @@ def subspace_iteration(
     z, r = orthonormalize(omega)
     del omega  # P x l: one sketch less in memory for the whole fit
     m = normal_matmat(z)
-    # Hutchinson on the Gaussian columns G = Z R_g: ||V G||_F^2 / (l - s) =
-    # tr(R_g^T (Z^T A Z) R_g) / (l - s); NaN when every column was given
+    # Hutchinson on the Gaussian columns G = Z R_g (l - s >= 1 of them): ||V G||_F^2 / (l - s)
+    # = tr(R_g^T (Z^T A Z) R_g) / (l - s)
     h0 = _inner64(z, m)
     r_g = r[:, s:].double()
-    trace_estimate = torch.trace(r_g.T @ h0 @ r_g) / (l - s) if l > s else h0.new_tensor(math.nan)
+    trace_estimate = torch.trace(r_g.T @ h0 @ r_g) / (l - s)
     products = 1
     if n_iter == 0 and start is None:
         return _single_pass(z, m, k, trace_estimate)
-    # the Rayleigh-Ritz step costs O(P l^2) in float64: after every product only with `tol`
-    ritz = _rayleigh_ritz(z, m, k) if tol is not None else None
+    # the Rayleigh-Ritz step costs O(P l^2) in float64: after a product only with `tol`, and
+    # not on a cold start's random first subspace
+    ritz = _rayleigh_ritz(z, m, k) if tol is not None and start is not None else None
     for _ in range(n_iter):
-        if ritz is not None and bool(ritz[2].max() <= tol):
+        if ritz is not None and _converged(ritz[2], tol, agree, device):
             break
         z, _ = orthonormalize(m)
         m = normal_matmat(z)
@@ -165,6 +173,20 @@ def subspace_iteration(
     evals, w, residuals = ritz if ritz is not None else _rayleigh_ritz(z, m, k)
     vectors = z @ w.to(z.dtype)
     return RitzPairs(evals.clamp_min(0.0), vectors, residuals, trace_estimate, w, products)
+
+
+def _converged(
+    residuals: Tensor,
+    tol: float | Tensor | None,
+    agree: Callable[[Tensor], Tensor] | None,
+    device: torch.device | str,
+) -> bool:
+    """Whether every residual is within its tolerance, on every process (one host read)."""
+    bound = tol.to(residuals.device) if isinstance(tol, Tensor) else tol
+    pending = (~(residuals <= bound)).any().to(device=device, dtype=torch.float32).reshape(1)
+    if agree is not None:
+        pending = agree(pending)
+    return not bool(pending.item())
 
 
 def _rayleigh_ritz(z: Tensor, m: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -113,8 +113,9 @@ def test_step_schedule_and_warm_starts_under_ddp(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GLOO_SOCKET_IFNAME", "lo")
         one, two = _step_run(tmp_path / "one", 1), _step_run(tmp_path / "two", 2)
-    assert sorted(one) == sorted(two) == [1, 2, 4]
-    for step in (2, 4):  # lr = 0: the same operator, so the warm start is the answer
+    # fits after global steps 1, 2, 4: rows at Lightning's x position of those batches
+    assert sorted(one) == sorted(two) == [0, 1, 3]
+    for step in (1, 3):  # lr = 0: the same operator, so the warm start is the answer
         assert one[step]["nfk/products"] <= 2 and two[step]["nfk/products"] <= 2
     for step, figures in one.items():
         # each fit within its residual of the truth; float32 sums over 101 rows on top

@@ -105,6 +105,12 @@ def _callbacks(which: str) -> list:
     return {
         "none": [],
         "spectrum": [NFKSpectrumCallback(**CB, every_n_epochs=1)],
+        # per-step fits inside the epoch, warm-started
+        "spectrum-steps-warm": [
+            NFKSpectrumCallback(
+                **CB, every_n_train_steps=1, warm_start=True, strategy="blocked", plot=False
+            )
+        ],
         "spectrum+probe": [
             NFKSpectrumCallback(**CB),
             LinearProbeCallback(**probe, nfk_source="spectrum"),
@@ -126,7 +132,10 @@ def _train_state(tmp_path, which: str):
     return model.state_dict(), opt, torch.rand(4), [m.training for m in model.modules()]
 
 
-@pytest.mark.parametrize("which", ["spectrum", "spectrum+probe", "probe-own-nfk", "probe-layer"])
+@pytest.mark.parametrize(
+    "which",
+    ["spectrum", "spectrum-steps-warm", "spectrum+probe", "probe-own-nfk", "probe-layer"],
+)
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, which):
     params_a, opt_a, rng_a, modes_a = _train_state(tmp_path, which)
     params_b, opt_b, rng_b, modes_b = _train_state(tmp_path, "none")

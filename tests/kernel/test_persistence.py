@@ -74,3 +74,16 @@ def test_the_snapshot_is_keyed_by_the_modules_names_and_older_states_load():
     torch.testing.assert_close(
         other.transform(case.x_new), nfk.transform(case.x_new), rtol=0, atol=0
     )
+
+
+def test_a_version_3_state_without_products_loads():
+    case = make_case("mlp")
+    nfk = LowRankNFK(case.energy, k=2, oversample=4, strategy="blocked", n_iter=2).fit(case.x)
+    assert nfk.products == 3
+    state = nfk.state_dict()
+    v3 = {**state, "version": 3}
+    v3["result"] = {k: v for k, v in state["result"].items() if k != "products"}
+    other = LowRankNFK(case.energy, k=2, oversample=4)
+    other.load_state_dict(v3)
+    assert other.products == 0  # not recorded then
+    torch.testing.assert_close(other.transform(case.x), nfk.transform(case.x), rtol=0, atol=0)

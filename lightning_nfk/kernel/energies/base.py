@@ -114,6 +114,15 @@ class Energy(abc.ABC):
         :math:`\\theta` (all of them unless ``parameters`` was given)."""
         return self.parameters is None or _selected(name, self.parameters)
 
+    def kernel_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of :math:`\\theta`, in the order of the flattened vector (the
+        rows of a fit's ``components``); P is the sum of their sizes."""
+        return [
+            (n, tuple(p.shape))
+            for n, p in self.module.named_parameters()
+            if p.requires_grad and self.defines_kernel(n)
+        ]
+
     @abc.abstractmethod
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
         """Per-example scores :math:`s_\\theta(x)` of a batch.
