@@ -19,14 +19,10 @@ from tests.helpers.lightning import tiny_classifier
 from tests.helpers.processes import TIMINGS, child_watchdog
 
 
-def _run(tmp_path, devices: int) -> dict[str, float]:
-    pl.seed_everything(0)
-    callbacks = [
-        # odd: uneven shards; every 2nd epoch: at epoch 0 the probe makes its own NFK fit
-        NFKSpectrumCallback(k=4, oversample=6, n_iter=3, probe_size=101, every_n_epochs=2),
-        # max_val = 3: validation shards of 2 and 1 rows
-        LinearProbeCallback(max_train=203, max_val=3, k=4, oversample=6, n_iter=3, nfk_fit_size=64),
-    ]
+def _fit_frozen(tmp_path, devices: int, callbacks: list) -> None:
+    """Two epochs of two batches on ``devices`` CPU processes (``ddp_spawn``), CSV logs in
+    ``tmp_path/logs``. lr = 0 and no BatchNorm: the weights are the same whatever the
+    world size."""
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         max_epochs=2,
@@ -41,9 +37,19 @@ def _run(tmp_path, devices: int) -> dict[str, float]:
         logger=CSVLogger(tmp_path, name="logs"),
         callbacks=callbacks,
     )
-    # lr = 0 and no BatchNorm: the weights are the same whatever the world size
     with child_watchdog(240, f"the {devices}-process ddp_spawn run"):
         trainer.fit(tiny_classifier(batch_norm=False, lr=0.0), RandomImageDataModule(batch_size=16))
+
+
+def _run(tmp_path, devices: int) -> dict[str, float]:
+    pl.seed_everything(0)
+    callbacks = [
+        # odd: uneven shards; every 2nd epoch: at epoch 0 the probe makes its own NFK fit
+        NFKSpectrumCallback(k=4, oversample=6, n_iter=3, probe_size=101, every_n_epochs=2),
+        # max_val = 3: validation shards of 2 and 1 rows
+        LinearProbeCallback(max_train=203, max_val=3, k=4, oversample=6, n_iter=3, nfk_fit_size=64),
+    ]
+    _fit_frozen(tmp_path, devices, callbacks)
     with open(f"{tmp_path}/logs/version_0/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     out = {}
@@ -85,22 +91,7 @@ def _step_run(tmp_path, devices: int) -> dict[int, dict[str, float]]:
         warm_start=True,
         plot=False,
     )
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_epochs=2,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        limit_train_batches=2,
-        limit_val_batches=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=CSVLogger(tmp_path, name="logs"),
-        callbacks=[cb],
-    )
-    with child_watchdog(240, f"the {devices}-process ddp_spawn run"):
-        trainer.fit(tiny_classifier(batch_norm=False, lr=0.0), RandomImageDataModule(batch_size=16))
+    _fit_frozen(tmp_path, devices, [cb])
     with open(f"{tmp_path}/logs/version_0/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("nfk/sigma_1")]
     return {

@@ -17,7 +17,7 @@ def _matrix(spectrum: torch.Tensor, n: int, p: int, seed: int = 0, dtype=torch.f
     return ((u * spectrum.double()) @ w.T).to(dtype), w
 
 
-def _run(a: torch.Tensor, k: int, oversample: int, n_iter: int, seed: int = 0):
+def _run(a: torch.Tensor, k: int, oversample: int, n_iter: int, seed: int = 0, **options):
     return subspace_iteration(
         lambda z: a.T @ (a @ z),
         a.shape[1],
@@ -26,6 +26,7 @@ def _run(a: torch.Tensor, k: int, oversample: int, n_iter: int, seed: int = 0):
         n_iter=n_iter,
         generator=torch.Generator().manual_seed(seed),
         dtype=a.dtype,
+        **options,
     )
 
 

@@ -10,23 +10,13 @@ import torch
 
 from lightning_nfk.kernel import LowRankNFK, subspace_iteration
 from tests.helpers.models import make_case, reference
-from tests.kernel.test_randomized_svd import _matrix
+from tests.kernel.test_randomized_svd import _matrix, _run
 
 EPS64 = torch.finfo(torch.float64).eps
 
 
 def _iterate(a, k, oversample, n_iter, start=None, tol=None, seed=0):
-    return subspace_iteration(
-        lambda z: a.T @ (a @ z),
-        a.shape[1],
-        k,
-        oversample=oversample,
-        n_iter=n_iter,
-        generator=torch.Generator().manual_seed(seed),
-        dtype=a.dtype,
-        start=start,
-        tol=tol,
-    )
+    return _run(a, k, oversample, n_iter, seed, start=start, tol=tol)
 
 
 def test_start_on_the_answer_needs_one_product():
