@@ -11,6 +11,7 @@ cleanly.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,13 @@ def _same_history(a: list[dict], b: list[dict]) -> None:
             assert hb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (ha["epoch"], key)
 
 
+def _logged_so_far(version: Path) -> dict[str, float]:
+    try:
+        return logged_metrics(version)
+    except (OSError, ValueError):  # not written yet, or a row being written
+        return {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2], ids=["one-process", "two-processes"])
 def test_killed_run_resumes_with_the_same_history(tmp_path, devices):
@@ -78,6 +86,13 @@ def test_killed_run_resumes_with_the_same_history(tmp_path, devices):
 
     run = Run(base, broken)
     wait_for_epoch(broken / ckpt, 1, run)
+    # the checkpoint of an epoch is saved before Lightning writes its epoch-end figures to
+    # metrics.csv: wait for those too, so that the kill falls in epoch 2
+    version = broken / "lightning_logs" / "quickstart" / "version_0"
+    deadline = time.monotonic() + 120
+    while not any(k.endswith("@1") for k in _logged_so_far(version)):
+        assert time.monotonic() < deadline, "epoch 1's figures never reached metrics.csv"
+        time.sleep(0.05)
     run.kill_group(signal.SIGKILL)  # mid-training: epoch 2 has started
     assert run.wait(60) == -signal.SIGKILL
     run_cli([*base, "--ckpt_path", "last"], broken)
