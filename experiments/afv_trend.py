@@ -38,6 +38,12 @@ def main() -> None:
         help="probe only the checkpoints up to this epoch, cached by an earlier run stopped "
         "on the way (default: train to --epochs and probe all)",
     )
+    p.add_argument(
+        "--nfk-at",
+        default=None,
+        help="comma-separated checkpoint epochs to fit the NFK at (the expensive row; "
+        "default: every probed checkpoint); the activation and pixel rows are probed at all",
+    )
     args = p.parse_args()
     name = "fmnist_afv" if args.dataset == "fashion_mnist" else "cifar_afv"
     run = common.Run(f"afv_trend_{args.dataset}", args)
@@ -48,6 +54,9 @@ def main() -> None:
     # the last checkpoint at or before --upto
     last = max(c for c in checkpoints if c <= (epochs if args.upto is None else args.upto))
     probed = [c for c in checkpoints if c <= last]
+    nfk_at = probed if args.nfk_at is None else [int(e) for e in args.nfk_at.split(",")]
+    if not set(nfk_at) <= set(probed):
+        raise SystemExit(f"--nfk-at must name probed checkpoints {probed}, got {args.nfk_at}")
     if args.upto is not None and last > 0 and not common.cached(run, name, last, epochs):
         raise SystemExit(f"--upto: epoch {last} of {epochs} is not cached in {run.cache}")
     fit_n, test_n = run.pick(200, 5000), run.pick(200, 5000)
@@ -66,6 +75,7 @@ def main() -> None:
         "trained_to": last,
         "fit_n": fit_n,
         "test_n": test_n,
+        "nfk_at": nfk_at,
         "k": k,
         "n_iter": n_iter,
         "probe": "the library's multinomial logistic regression, standardised features",
@@ -77,7 +87,7 @@ def main() -> None:
         # quick mode: fewer generator samples for the statistics (the recipe's 1,024 would
         # cost five times the fitting set's 200 examples)
         gan.nfk_num_samples = run.pick(100, gan.nfk_num_samples)
-        trend[str(at)] = rows(run, gan, gan.nfk_energy(), fit, test, k, n_iter)
+        trend[str(at)] = rows(run, gan, fit, test, k, n_iter, nfk=at in nfk_at)
         run.log(f"epoch {at}", trend[str(at)])
     run.results["trend"] = trend
     assert gan is not None
@@ -103,14 +113,14 @@ def nfk_probe(run: common.Run, energy: GANEnergy, fit, test, k: int, n_iter: int
     return common.probe((emb["fit"], fit[1]), (emb["test"], test[1]))
 
 
-def rows(run: common.Run, gan: Any, energy: GANEnergy, fit, test, k: int, n_iter: int) -> dict:
+def rows(run: common.Run, gan: Any, fit, test, k: int, n_iter: int, *, nfk: bool) -> dict:
     d = gan.discriminator
     pooled = {
         s: common.batched(d.pooled_features, x) for s, (x, _) in (("fit", fit), ("test", test))
     }
     hidden = {s: common.activations(d, d.relu, x) for s, (x, _) in (("fit", fit), ("test", test))}
-    return {
-        f"GAN-NFK-{k}d": nfk_probe(run, energy, fit, test, k, n_iter),
+    out = {f"GAN-NFK-{k}d": nfk_probe(run, gan.nfk_energy(), fit, test, k, n_iter)} if nfk else {}
+    return out | {
         "pooled blocks": common.probe((pooled["fit"], fit[1]), (pooled["test"], test[1])),
         "last hidden layer": common.probe((hidden["fit"], fit[1]), (hidden["test"], test[1])),
         "pixels": common.probe((fit[0].flatten(1), fit[1]), (test[0].flatten(1), test[1])),
@@ -121,8 +131,9 @@ def plot(run: common.Run, trend: dict[str, dict[str, float]]) -> None:
     fig, axes = common.figure(1, 1)
     ax = axes[0][0]
     epochs = [int(e) for e in trend]
-    for feature in next(iter(trend.values())):
-        ax.plot(epochs, [trend[str(e)][feature] for e in epochs], marker="o", label=feature)
+    for feature in dict.fromkeys(f for row in trend.values() for f in row):
+        at = [e for e in epochs if feature in trend[str(e)]]
+        ax.plot(at, [trend[str(e)][feature] for e in at], marker="o", label=feature)
     ax.set_xlabel("training epoch")
     ax.set_ylabel("linear probe test accuracy, %")
     ax.legend(fontsize=7)
