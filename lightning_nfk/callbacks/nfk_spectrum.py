@@ -32,6 +32,7 @@ from lightning_nfk.kernel import (
     stable_rank,
     subspace_drift,
 )
+from lightning_nfk.kernel.blocks import check_blocks, resolve_blocks
 from lightning_nfk.kernel.config import check_int, check_tol
 from lightning_nfk.protocol import nfk_energy_of
 from lightning_nfk.trainer_utils import (
@@ -81,6 +82,11 @@ class NFKSpectrumCallback(Callback):
       the eigenvalues' relative error (0 for ``dense``; not logged for a cold
       ``n_iter = 0`` fit, which has none);
     * ``nfk/seconds``: wall time of the fit;
+    * with ``blocks``, for each parameter block ``<name>``: ``nfk/block/<name>/sigma_1``
+      (its top singular value: :math:`\\sigma_1^2` is the top eigenvalue of its Gram
+      matrix :math:`V_b V_b^\\top`), ``.../explained_variance`` (its top k's share of its
+      own trace), ``.../effective_rank`` and ``.../trace_share``
+      (:math:`\\|V_b\\|_F^2 / T`: how much of the kernel the block carries);
     * ``nfk/cost_in_steps``: the fit's wall time in units of a training step of the same
       run, a step as ``trainer.global_step`` counts them (measured between batch starts
       within stretches of training: validation, epoch ends and this callback's fits
@@ -105,7 +111,9 @@ class NFKSpectrumCallback(Callback):
     ``<log_dir>/nfk_spectrum/``: :math:`c_j` against j (log axis), this fit over the
     earlier ones as in the paper's Fig. 2 (``epoch=NNN.png`` or ``step=NNNNNNN.png``), and
     ``heatmap.png``: each component's share :math:`\\sigma_j^2 / T` (log colour) against
-    j and the fit's epoch or step, redrawn at each fit.
+    j and the fit's epoch or step, redrawn at each fit; with ``blocks``, ``blocks.png``:
+    every block's explained variance against j at this fit beside its effective rank over
+    the fits.
 
     The callback never changes the training: the NFK runs in eval mode on a parameter
     snapshot, and the global RNG, the train/eval mode and the optimizer are untouched.
@@ -138,6 +146,14 @@ class NFKSpectrumCallback(Callback):
         tol: stop every fit's subspace iteration once all top-k relative residuals are at
             most ``tol`` (``n_iter`` stays the cap); None: ``n_iter`` iterations (cold) or
             the cold fit's residuals (warm).
+        blocks: also each parameter block's spectrum, from the same passes (the
+            per-example gradients are computed once; only the products are per block):
+            ``"auto"`` (the kernel module's top-level children) or a list of
+            parameter-name prefixes (e.g. ``["model.blocks.0", "model.blocks.11"]``),
+            checked against the module at ``setup``. Costs about one more sketch's
+            products and memory per fit (``matrix_free``: one per block); BENCHMARKS.md
+            ("Per-block spectra") has it measured. Blocks start cold at every fit and
+            take as many passes as the whole kernel.
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
             fit, with ``k``, ``oversample``, ``n_iter`` and ``seed``.
         seed: seed of the probe draw and of the random sketch.
@@ -167,6 +183,7 @@ class NFKSpectrumCallback(Callback):
         schedule: Spacing = "linear",
         warm_start: bool = False,
         tol: float | None = None,
+        blocks: str | list[str] | None = None,
         damping: float = 1e-8,
         strategy: Strategy = "auto",
         dtype: torch.dtype | None = None,
@@ -202,7 +219,10 @@ class NFKSpectrumCallback(Callback):
                 "which `strategy`='dense' does not run (it is exact). Cure: drop them, or "
                 "use `strategy`='blocked'."
             )
-        self.plot, self.warm_start, self.tol = plot, warm_start, tol
+        if blocks is not None:
+            check_blocks(blocks)
+            blocks = blocks if isinstance(blocks, str) else list(blocks)
+        self.plot, self.warm_start, self.tol, self.blocks = plot, warm_start, tol, blocks
         # the first cold fit's (k,) residuals: the warm fits' tolerance
         self._cold_residuals: Tensor | None = None
         self._warned = False
@@ -232,6 +252,7 @@ class NFKSpectrumCallback(Callback):
         newer |= {"schedule": s.spacing} if s.spacing == "log" else {}
         newer |= {"warm_start": True} if self.warm_start else {}
         newer |= {"tol": self.tol} if self.tol is not None else {}
+        newer |= {"blocks": self.blocks} if self.blocks is not None else {}
         return self._generate_state_key(
             k=c.k,
             oversample=c.oversample,
@@ -259,7 +280,9 @@ class NFKSpectrumCallback(Callback):
     # -- Lightning hooks ------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        nfk_energy_of(pl_module)  # refuse a module without the protocol before training
+        energy = nfk_energy_of(pl_module)  # refuse a module without the protocol early
+        if self.blocks is not None:  # prefixes that name no parameter: before training
+            resolve_blocks(self.blocks, energy.kernel_layout())
         check_strategy(trainer, type(self).__name__)
         if stage == "fit" and trainer.datamodule is not None:
             self._check_probe_set(trainer)
@@ -338,7 +361,7 @@ class NFKSpectrumCallback(Callback):
             nfk = LowRankNFK(energy, self.config, reduce=reduce)
             with progress_bar(trainer, "NFK spectrum") as update:
                 # e(X) = Phi diag(sigma) on the probe rows: free from the last pass
-                emb = nfk.fit_transform(x, progress=update, start=warm, tol=tol)
+                emb = nfk.fit_transform(x, progress=update, start=warm, tol=tol, blocks=self.blocks)
             phi, _ = torch.linalg.qr(
                 gather_rows(emb, reduce).double()
             )  # orthonormal basis of span(Phi)
@@ -353,6 +376,13 @@ class NFKSpectrumCallback(Callback):
             "nfk/products": float(nfk.products),
             "nfk/seconds": seconds,
         }
+        for name, block in nfk.block_spectra.items():
+            metrics |= {
+                f"nfk/block/{name}/sigma_1": float(block.singular_values[0]),
+                f"nfk/block/{name}/explained_variance": block.explained_variance,
+                f"nfk/block/{name}/effective_rank": block.effective_rank,
+                f"nfk/block/{name}/trace_share": block.trace_share,
+            }
         residual = float(nfk.residuals.max())
         if math.isfinite(residual):
             metrics["nfk/residual"] = residual
@@ -406,11 +436,24 @@ class NFKSpectrumCallback(Callback):
                     nfk.singular_values, nfk.total_variance
                 ).tolist(),
                 **metrics,
+                **self._block_history(nfk),
             }
         )
         if self.plot:
             # log_dir broadcasts under DDP: resolved on every rank, used on rank zero only
             self._plot(trainer, resolved_log_dir(trainer) / "nfk_spectrum")
+
+    @staticmethod
+    def _block_history(nfk: LowRankNFK) -> dict[str, Any]:
+        """Each block's cumulative explained variance (of its own trace), for the plots."""
+        if not nfk.block_spectra:
+            return {}
+        return {
+            "block_cumulative": {
+                name: cumulative_explained_variance(b.singular_values, b.total_variance).tolist()
+                for name, b in nfk.block_spectra.items()
+            }
+        }
 
     def _warm_start(self, energy: Any) -> tuple[Tensor | None, Any, list]:
         """The start and tolerance of this fit, and the kernel's parameter layout (the
@@ -477,6 +520,39 @@ class NFKSpectrumCallback(Callback):
         )
         self._save(trainer, fig, out / f"{name}.png", "nfk/spectrum")
         self._save(trainer, self._heatmap(plt), out / "heatmap.png", "nfk/spectrum_heatmap")
+        if "block_cumulative" in self.history[-1]:
+            self._save(trainer, self._blocks(plt), out / "blocks.png", "nfk/blocks")
+
+    def _blocks(self, plt: Any) -> Any:
+        """Every block's explained variance against j at the last fit, and its effective
+        rank over the fits."""
+        last = self.history[-1]
+        names = list(last["block_cumulative"])
+        fits = [h for h in self.history if "block_cumulative" in h]
+        at = [h["step"] if self.schedule.unit == "step" else h["epoch"] for h in fits]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "viridis")
+        for i, name in enumerate(names):
+            color = cmap(i if len(names) <= 10 else i / (len(names) - 1))
+            c = last["block_cumulative"][name]
+            share = last[f"nfk/block/{name}/trace_share"]
+            left.plot(range(1, len(c) + 1), c, color=color, label=f"{name} ({share:.0%} of tr K)")
+            key = f"nfk/block/{name}/effective_rank"
+            seen = [(x, h[key]) for x, h in zip(at, fits) if key in h]
+            right.plot(*zip(*seen), color=color, marker="o", ms=3)
+        left.set_xscale("log")
+        left.set_xlabel("number of components j")
+        left.set_ylabel("explained variance of the block's own trace")
+        left.set_ylim(0, 1)
+        left.grid(True, which="both", alpha=0.3)
+        left.legend(fontsize=7, loc="lower right")
+        left.set_title(f"Per-block NFK spectra, {self._label(last)}")
+        right.set_xlabel("training step" if self.schedule.unit == "step" else "epoch")
+        right.set_ylabel("effective rank of the top k")
+        right.xaxis.get_major_locator().set_params(integer=True)
+        right.grid(True, alpha=0.3)
+        right.set_title("Per-block effective rank over training")
+        return fig
 
     def _heatmap(self, plt: Any) -> Any:
         """Each component's share of the trace, sigma_j^2 / T (log colour), against j and

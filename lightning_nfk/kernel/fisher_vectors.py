@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_nfk.kernel._data import Data, count_examples, iter_chunks
+from lightning_nfk.kernel.blocks import ParameterBlock
 from lightning_nfk.kernel.config import OperatorOptions
 from lightning_nfk.kernel.distributed import Reduce, rank_and_world_size
 from lightning_nfk.kernel.memory import (
@@ -87,15 +88,21 @@ class Statistics:
     mean_score: Tensor | None  # z, (P,), working dtype
     fisher_diagonal: Tensor | None  # I, (P,), float64
     sum_of_squares: float | None = None  # ||V||_F^2 of the fitting data
+    # its terms per parameter tensor (float64, CPU), for the traces of parameter blocks
+    per_tensor: Tensor | None = None
 
 
 class PassResult(NamedTuple):
     """One pass over the data: :math:`V^\\top (V Z)` summed over processes, :math:`\\|V\\|_F^2`
-    when asked for and the rows were formed, and this process's rows :math:`V Z`."""
+    when asked for and the rows were formed, and this process's rows :math:`V Z`; with
+    parameter blocks, each block's :math:`V_b^\\top (V_b Z_b)` (summed over processes)
+    and, with the norm, its terms per parameter tensor (float64, CPU)."""
 
     product: Tensor
     sum_of_squares: float | None
     rows: Tensor
+    block_products: list[Tensor] | None = None
+    per_tensor: Tensor | None = None
 
 
 class FisherVectors:
@@ -111,6 +118,8 @@ class FisherVectors:
         reduce: sum over processes.
         columns: the width ``l`` of the products the operator is for (the sketch's
             ``k + oversample``; 0 for one column at a time): sizes the blocks.
+        sketches: how many P x l sketches share the budget with the blocks (2 with
+            parameter blocks: theirs add up to one more).
         memory_budget: bytes for a block; ``None``: ``options.memory_budget``, else the
             device's default (:func:`~lightning_nfk.kernel.memory.device_budget`).
         activations: bytes of activations one example's backward keeps
@@ -126,6 +135,7 @@ class FisherVectors:
         reduce: Reduce,
         *,
         columns: int = 0,
+        sketches: int = 1,
         memory_budget: int | None = None,
         activations: int = 0,
         num_examples: int | None = None,
@@ -144,7 +154,7 @@ class FisherVectors:
             cap, fixed = DENSE_BLOCK_ROWS, 0
         else:  # the randomized fit's P x l operands come out of the same budget
             cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
-            fixed = sketch_bytes(p, columns, self.dtype.itemsize)
+            fixed = sketches * sketch_bytes(p, columns, self.dtype.itemsize)
         blocks = max(0, budget - fixed)
         self.max_rows = options.chunk_size or max(1, min(blocks // self.bytes_per_row, cap))
         self.statistics = Statistics(None, None)
@@ -253,21 +263,29 @@ class FisherVectors:
                     "round-off), so every centred Fisher vector is zero and the kernel is zero: "
                     "fit on distinct examples (identical copies of one input?)."
                 )
-            total = self._centred_sum_of_squares(s, n, z, scale64).sum().item()
+            per_column = self._centred_sum_of_squares(s, n, z, scale64)
+            total, per_tensor = per_column.sum().item(), self._per_tensor(per_column)
+        else:
+            per_tensor = None
         return self.load_statistics(
-            None if energy.centring is None else z.to(self.dtype), fisher, total
+            None if energy.centring is None else z.to(self.dtype), fisher, total, per_tensor
         )
+
+    def _per_tensor(self, per_column: Tensor) -> Tensor:
+        """(T,) sums of a (P,) vector over each parameter tensor's columns (float64, CPU)."""
+        return torch.stack([per_column[sl].sum() for sl in self.jacobian.slices]).cpu()
 
     def load_statistics(
         self,
         mean_score: Tensor | None,
         fisher_diagonal: Tensor | None,
         sum_of_squares: float | None = None,
+        per_tensor: Tensor | None = None,
     ) -> Statistics:
         """Set the statistics (fitted or restored from a saved state)."""
         if mean_score is not None:
             mean_score = mean_score.to(self.device, self.dtype)
-        self.statistics = Statistics(mean_score, fisher_diagonal, sum_of_squares)
+        self.statistics = Statistics(mean_score, fisher_diagonal, sum_of_squares, per_tensor)
         if fisher_diagonal is not None:
             f = fisher_diagonal.to(self.device, torch.float64)
             self.scale = (f + self.damping).rsqrt().to(self.dtype)
@@ -355,36 +373,50 @@ class FisherVectors:
 
     @_in_kernel_mode
     def normal_matmat(
-        self, data: Data, z: Tensor, *, frobenius: bool = False, progress: Progress | None = None
+        self,
+        data: Data,
+        z: Tensor,
+        *,
+        frobenius: bool = False,
+        progress: Progress | None = None,
+        blocks: Sequence[ParameterBlock] = (),
+        block_z: Sequence[Tensor] = (),
     ) -> PassResult:
         """One pass: :math:`V^\\top (V Z)` (P x l) summed over processes, this process's rows
         :math:`V Z`, and, when ``frobenius`` and the rows are formed (not ``matrix_free``),
-        :math:`\\|V\\|_F^2`."""
+        :math:`\\|V\\|_F^2`. With parameter ``blocks`` (:mod:`~lightning_nfk.kernel.blocks`)
+        and their operands ``block_z`` ((P_b, l_b) each), also each block's
+        :math:`V_b^\\top (V_b Z_b)` from the same gradients."""
         t, c = self._fold(z)
         m = torch.zeros_like(z)
         p = self.num_parameters
         frobenius = frobenius and not self.matrix_free
         cols = torch.zeros(2, p, dtype=torch.float64, device=self.device)
         rows: list[Tensor] = []
+        sub = _BlockProducts(self, blocks, block_z)
         for x, extras in self.chunks(data, progress):
             y, block = self._matmat_folded(x, extras, t, c)
             self._rmatmat_raw(x, extras, y, block, m)
+            sub.add(x, extras, block)
             if frobenius and block is not None:
                 self._column_sums(block, cols)
             rows.append(y)
         y_all = torch.cat(rows) if rows else z.new_zeros(0, z.shape[1])
         m = self.reduce(self._unfold(m, y_all.sum(dim=0)))
+        block_products = sub.result() if blocks else None
         nonfinite, count = self.reduce(_row_counts(y_all)).tolist()
         raise_if_nonfinite(nonfinite, count, "fitting examples")
         if not frobenius:
-            return PassResult(m, None, y_all)
+            return PassResult(m, None, y_all, block_products)
         cols = self.reduce(cols)
         z64 = torch.zeros(p, dtype=torch.float64, device=self.device)
         if self.mean_score is not None:
             z64 = self.mean_score.double()
         s64 = torch.ones_like(z64) if self.scale is None else self.scale.double()
-        total = self._centred_sum_of_squares(cols, count, z64, s64).sum().item()
-        return PassResult(m, total, y_all)
+        per_column = self._centred_sum_of_squares(cols, count, z64, s64)
+        return PassResult(
+            m, per_column.sum().item(), y_all, block_products, self._per_tensor(per_column)
+        )
 
     @_in_kernel_mode
     def local_materialize(self, data: Data, progress: Progress | None = None) -> Tensor:
@@ -411,6 +443,57 @@ class FisherVectors:
         nonfinite, count = self.reduce(counts).tolist()
         raise_if_nonfinite(nonfinite, count, "fitting examples")
         return v
+
+
+class _BlockProducts:
+    """Accumulates :math:`V_b^\\top (V_b Z_b)` for each parameter block over a pass: two GEMMs
+    on the block's column slice of a gradient block, or (``matrix_free``) a JVP and a VJP
+    with the block's operand embedded in P rows. Centring and scaling are folded into the
+    operands as for the whole kernel (``_fold``/``_unfold`` on the block's rows)."""
+
+    def __init__(
+        self, op: FisherVectors, blocks: Sequence[ParameterBlock], block_z: Sequence[Tensor]
+    ) -> None:
+        if len(blocks) != len(block_z):
+            raise ValueError(f"{len(blocks)} parameter blocks but {len(block_z)} block operands.")
+        self.op, self.blocks = op, tuple(blocks)
+        mean, scale = op.mean_score, op.scale
+        self.t, self.c = [], []
+        for b, zb in zip(self.blocks, block_z):
+            tb = zb if scale is None else zb * b.take(scale)[:, None]
+            self.t.append(tb)
+            self.c.append(None if mean is None else b.take(mean) @ tb)
+        self.m = [torch.zeros_like(zb) for zb in block_z]
+        self.y_sum = [zb.new_zeros(zb.shape[1]) for zb in block_z]
+
+    def add(self, x: Tensor, extras: tuple[Tensor, ...], block: Tensor | None) -> None:
+        op = self.op
+        for b, tb, cb, mb, ys in zip(self.blocks, self.t, self.c, self.m, self.y_sum):
+            if block is None:  # matrix_free: the operand in the block's rows of P
+                yb = op.jacobian.jvp(x, extras, b.embed(tb, op.num_parameters))
+            else:
+                gb = b.take(block, dim=1)
+                yb = gb @ tb
+            if cb is not None:
+                yb = yb - cb[None, :]
+            if block is None:
+                mb += b.take(op.jacobian.vjp(x, extras, yb))
+            else:
+                mb.addmm_(gb.T, yb)
+            ys += yb.sum(dim=0)
+
+    def result(self) -> list[Tensor]:
+        """The blocks' products, summed over processes (one collective for all)."""
+        op, mean, scale = self.op, self.op.mean_score, self.op.scale
+        for b, mb, ys in zip(self.blocks, self.m, self.y_sum):
+            if mean is not None:
+                mb.addr_(b.take(mean), ys.to(mb.dtype), alpha=-1)
+            if scale is not None:
+                mb.mul_(b.take(scale)[:, None])
+        flat = op.reduce(torch.cat([mb.reshape(-1) for mb in self.m]))
+        return [
+            part.view_as(mb) for part, mb in zip(flat.split([mb.numel() for mb in self.m]), self.m)
+        ]
 
 
 def _row_counts(rows: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import pickle
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,14 @@ from torch import Tensor
 
 from lightning_nfk._io import atomic_torch_save
 from lightning_nfk.kernel._data import Data, check_data, has_fixed_order
+from lightning_nfk.kernel.blocks import (
+    BlockSketch,
+    BlockSpectrum,
+    ParameterBlock,
+    block_totals,
+    dense_block_spectra,
+    resolve_blocks,
+)
 from lightning_nfk.kernel.config import NFKConfig, check_tol
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
 from lightning_nfk.kernel.energies.base import Energy
@@ -127,6 +136,7 @@ class LowRankNFK:
         self._op: FisherVectors | None = None
         self._fit: NFKFit | None = None
         self._fit_embedding: Tensor | None = None
+        self._block_spectra: dict[str, BlockSpectrum] = {}
         self._fixed_order = True
 
     # -- public results ----------------------------------------------------------------------
@@ -215,6 +225,14 @@ class LowRankNFK:
         return self.result.strategy
 
     @property
+    def block_spectra(self) -> dict[str, BlockSpectrum]:
+        """The parameter blocks' spectra of the last ``fit(..., blocks=...)``, by block name
+        (:class:`~lightning_nfk.kernel.blocks.BlockSpectrum`); empty when none were asked
+        for, and after ``load``."""
+        self.result  # noqa: B018  (raises when not fitted)
+        return self._block_spectra
+
+    @property
     def snapshot(self) -> dict[str, Tensor]:
         """The kernel module's parameters and buffers as the fit saw them, by the module's
         own names (those of its ``state_dict``): the network the components belong to."""
@@ -250,6 +268,7 @@ class LowRankNFK:
         *,
         start: Tensor | None = None,
         tol: float | Tensor | None = None,
+        blocks: str | Sequence[str] | None = None,
     ) -> LowRankNFK:
         """Fit the rank-``k`` NFK on ``data`` (this process's shard of the fitting set).
 
@@ -268,6 +287,11 @@ class LowRankNFK:
                 ``tol`` (a number, or a (k,) tensor: one per component, e.g. an earlier
                 fit's ``residuals``), ``n_iter`` iterations at most; ``products`` says how
                 many passes it took. Ignored by the ``dense`` strategy.
+            blocks: also the spectra of parameter blocks, from the same passes
+                (:mod:`~lightning_nfk.kernel.blocks`): ``"auto"`` (the kernel module's
+                top-level children) or parameter-name prefixes; read them from
+                ``block_spectra``. They cost one more sketch's products and memory
+                (``matrix_free``: one per block); they are not saved by ``save``.
 
         Returns:
             self.
@@ -277,31 +301,37 @@ class LowRankNFK:
                 min(N, P)``, a dense problem over ``memory_budget``, an energy that does not
                 return one deterministic scalar per example of its own, a ``start`` of
                 another shape than (P, s < k + oversample) or not finite, a ``tol`` that
-                is not positive and finite; after the
+                is not positive and finite, ``blocks`` naming no parameter; after the
                 statistics: identical examples or a zero kernel (``||V||_F = 0``, else found
                 after the passes; the previous fit is then kept). Raised on every rank.
             NonFiniteGradientError: when some scores or per-example gradients are not finite.
         """
         self._check_tol(tol)
         self._check_start(start)
+        parts = () if blocks is None else resolve_blocks(blocks, self.energy.kernel_layout())
         op = prepare_fisher_vectors(
-            self.energy, data, self.config, reduce=self.reduce, progress=progress
+            self.energy,
+            data,
+            self.config,
+            reduce=self.reduce,
+            progress=progress,
+            sketches=2 if parts else 1,
         )
         n = op.num_examples
         # the passes enter kernel_mode themselves; the sketch's algebra between them (QR,
         # Rayleigh-Ritz, the dense eigendecomposition) needs its float32/64 as well
         with kernel_mode(op.energy):
             if op.strategy == "dense":
-                found = self._fit_dense(op, data, progress)
+                found = self._fit_dense(op, data, progress, parts)
             else:
-                found = self._fit_randomized(op, data, progress, start, tol)
-            sigma, components, residuals, total, exact, embedding, products = found
+                found = self._fit_randomized(op, data, progress, start, tol, parts)
+            sigma, components, residuals, total, exact, embedding, products, spectra = found
         if not total > 0:
             raise ValueError(
                 "The Fisher vectors of the fitting data are all zero (||V||_F = 0): the kernel "
                 "is zero. Does the energy depend on the kernel module's parameters?"
             )
-        self._op, self._fit_embedding = op, embedding
+        self._op, self._fit_embedding, self._block_spectra = op, embedding, spectra
         self._fixed_order = has_fixed_order(data)
         self._fit = NFKFit(
             singular_values=sigma,
@@ -350,13 +380,20 @@ class LowRankNFK:
         if not bool(torch.isfinite(start).all()):
             raise ValueError("`start` holds NaN or infinite entries.")
 
-    def _fit_dense(self, op: FisherVectors, data: Data, progress: Progress | None):
+    def _fit_dense(
+        self,
+        op: FisherVectors,
+        data: Data,
+        progress: Progress | None,
+        parts: tuple[ParameterBlock, ...],
+    ):
         local = op.local_materialize(data, progress)
         v = gather_rows(local, self.reduce)
         sigma, right, _ = exact_decomposition(v, self.config.k)
         total = frobenius_squared(v).item()
         residuals = torch.zeros(self.config.k, dtype=torch.float64, device="cpu")
-        return sigma.to(op.dtype), right, residuals, total, True, local @ right, 0
+        spectra = dense_block_spectra(parts, v, self.config.k, total)
+        return sigma.to(op.dtype), right, residuals, total, True, local @ right, 0, spectra
 
     def _fit_randomized(
         self,
@@ -365,7 +402,12 @@ class LowRankNFK:
         progress: Progress | None,
         start: Tensor | None,
         tol: float | Tensor | None,
+        parts: tuple[ParameterBlock, ...],
     ):
+        c = self.config
+        sketch = (
+            BlockSketch(parts, c.k, c.oversample, c.seed, op.dtype, op.device) if parts else None
+        )
         # the first pass (its ||V||_F^2) and the last (its rows); not every pass's P x l
         # product, which would hold n_iter + 1 sketches in memory
         passes: list[PassResult] = []
@@ -373,7 +415,17 @@ class LowRankNFK:
         def normal_matmat(z: Tensor) -> Tensor:
             # ||V||_F^2 from the first pass, unless the statistics already gave it exactly
             want = not passes and op.statistics.sum_of_squares is None
-            result = op.normal_matmat(data, z, frobenius=want, progress=progress)
+            result = op.normal_matmat(
+                data,
+                z,
+                frobenius=want,
+                progress=progress,
+                blocks=parts,
+                block_z=sketch.operands() if sketch is not None else (),
+            )
+            if sketch is not None:
+                sketch.record(result.block_products)
+            result = result._replace(block_products=None)
             passes[1:] = [result._replace(product=None)]
             if len(passes) == 1:
                 passes.insert(0, result._replace(product=None))
@@ -400,7 +452,24 @@ class LowRankNFK:
         rows, w = passes[-1].rows, ritz.coefficients
         embedding = None if w is None else rows @ w.to(rows.dtype)  # V P = (V Z) W
         sigma = ritz.eigenvalues.sqrt().to(op.dtype).cpu()
-        return sigma, ritz.vectors, ritz.residuals.cpu(), total, exact, embedding, ritz.products
+        spectra = {}
+        if sketch is not None:
+            per_tensor = op.statistics.per_tensor
+            if per_tensor is None:
+                per_tensor = passes[0].per_tensor
+            totals = None if per_tensor is None else block_totals(parts, per_tensor)
+            one_pass = c.n_iter == 0 and start is None
+            spectra = sketch.spectra(totals, total, single_pass=one_pass)
+        return (
+            sigma,
+            ritz.vectors,
+            ritz.residuals.cpu(),
+            total,
+            exact,
+            embedding,
+            ritz.products,
+            spectra,
+        )
 
     # -- embeddings ---------------------------------------------------------------------------
     def fit_transform(
@@ -410,6 +479,7 @@ class LowRankNFK:
         *,
         start: Tensor | None = None,
         tol: float | Tensor | None = None,
+        blocks: str | Sequence[str] | None = None,
     ) -> Tensor:
         """:meth:`fit` on ``data``, then the (n_local, k) embeddings of this process's
         fitting examples: ``fit_embedding`` (free from the last pass) when the fit has it,
@@ -419,7 +489,7 @@ class LowRankNFK:
             RuntimeError: ``data`` is a loader with a random sampler (see
                 ``fit_embedding``): its order cannot be recovered.
         """
-        self.fit(data, progress, start=start, tol=tol)
+        self.fit(data, progress, start=start, tol=tol, blocks=blocks)
         embedding = self.fit_embedding
         return embedding if embedding is not None else self.transform(data)
 
@@ -500,6 +570,7 @@ class LowRankNFK:
         # once, here: transform then never copies them (whatever `map_location` gave)
         fit = dataclasses.replace(fit, components=fit.components.to(op.device, op.dtype))
         self._op, self._fit, self._fit_embedding = op, fit, None
+        self._block_spectra = {}
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save :meth:`state_dict` with ``torch.save``, atomically (a temporary file beside

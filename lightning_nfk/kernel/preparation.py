@@ -110,6 +110,7 @@ def prepare_fisher_vectors(
     sketch: SketchOptions | None = None,
     reduce: Reduce = all_reduce_sum,
     progress: Progress | None = None,
+    sketches: int = 1,
 ) -> FisherVectors:
     """The Fisher-vector operator of ``energy`` over ``data`` (this process's shard), its
     statistics fitted.
@@ -127,6 +128,8 @@ def prepare_fisher_vectors(
             (``exact_nfk``, ``materialize``).
         reduce: sum over the processes.
         progress: called with the number of examples of each chunk of the statistics pass.
+        sketches: P x l sketches the fit holds besides the gradient blocks (2 with
+            parameter blocks), which the blocks' size leaves room for.
 
     Returns:
         The operator; ``num_examples`` is N over all processes.
@@ -144,7 +147,7 @@ def prepare_fisher_vectors(
     check_data(data)
     energy = working_energy(energy, options.dtype)
     with kernel_mode(energy):
-        return _prepare(energy, data, options, sketch, reduce, progress)
+        return _prepare(energy, data, options, sketch, reduce, progress, sketches)
 
 
 def _prepare(
@@ -154,6 +157,7 @@ def _prepare(
     sketch: SketchOptions | None,
     reduce: Reduce,
     progress: Progress | None,
+    sketches: int,
 ) -> FisherVectors:
     jac = ScoreJacobian(energy)
     n_local = count_examples(data)
@@ -176,6 +180,7 @@ def _prepare(
             strategy,
             reduce,
             columns=columns,
+            sketches=sketches,
             memory_budget=budget,
             activations=activations,
             num_examples=n,

@@ -89,6 +89,7 @@ def _step_run(tmp_path, devices: int) -> dict[int, dict[str, float]]:
         every_n_train_steps=1,
         schedule="log",  # steps 1, 2, 4
         warm_start=True,
+        blocks="auto",  # per-block sketches: their products reduced across ranks too
         plot=False,
     )
     _fit_frozen(tmp_path, devices, [cb])
@@ -113,3 +114,9 @@ def test_step_schedule_and_warm_starts_under_ddp(tmp_path):
         bound = figures["nfk/residual"] + two[step]["nfk/residual"] + 1e-4
         for key in ("nfk/sigma_1", "nfk/explained_variance", "nfk/effective_rank"):
             assert two[step][key] == pytest.approx(figures[key], rel=bound), (step, key)
+        # the blocks' cold sketches are the same draws on one and two processes: their
+        # figures differ by the float32 order of the sums only
+        blocks = [k for k in figures if k.startswith("nfk/block/")]
+        assert len(blocks) == 3 * 4  # conv, linear, linear (no BatchNorm): 4 figures each
+        for key in blocks:
+            assert two[step][key] == pytest.approx(figures[key], rel=1e-4), (step, key)

@@ -111,6 +111,8 @@ def _callbacks(which: str) -> list:
                 **CB, every_n_train_steps=1, warm_start=True, strategy="blocked", plot=False
             )
         ],
+        # per-block spectra (the blocks' own sketches: another draw from their generator)
+        "spectrum-blocks": [NFKSpectrumCallback(**CB, blocks="auto", strategy="blocked")],
         "spectrum+probe": [
             NFKSpectrumCallback(**CB),
             LinearProbeCallback(**probe, nfk_source="spectrum"),
@@ -134,7 +136,14 @@ def _train_state(tmp_path, which: str):
 
 @pytest.mark.parametrize(
     "which",
-    ["spectrum", "spectrum-steps-warm", "spectrum+probe", "probe-own-nfk", "probe-layer"],
+    [
+        "spectrum",
+        "spectrum-steps-warm",
+        "spectrum-blocks",
+        "spectrum+probe",
+        "probe-own-nfk",
+        "probe-layer",
+    ],
 )
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, which):
     params_a, opt_a, rng_a, modes_a = _train_state(tmp_path, which)

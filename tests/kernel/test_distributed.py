@@ -25,8 +25,12 @@ SPLIT = 19  # rank 0 gets 19 rows, rank 1 the other 29: unequal on purpose
 
 
 def _fit(case, strategy, data):
-    nfk = LowRankNFK(case.energy, k=3, oversample=6, n_iter=6, strategy=strategy, seed=2).fit(data)
+    nfk = LowRankNFK(case.energy, k=3, oversample=6, n_iter=6, strategy=strategy, seed=2)
+    nfk.fit(data, blocks="auto")
+    blocks = nfk.block_spectra.values()
     return {
+        "block_singular_values": torch.cat([b.singular_values for b in blocks]),
+        "block_traces": torch.tensor([b.total_variance for b in blocks], dtype=torch.float64),
         "singular_values": nfk.singular_values,
         "components": nfk.components,
         "total_variance": nfk.total_variance,
