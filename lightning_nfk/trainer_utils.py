@@ -13,7 +13,7 @@ import inspect
 import numbers
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,28 +121,31 @@ def rng_devices(module: torch.nn.Module) -> list[int]:
 
 def check_items(dataset: Any, *, labels: bool, where: str) -> None:
     """Refuse dataset items the callbacks cannot read, at ``setup`` rather than at the
-    first epoch end: an item must be a tensor ``x`` or a tuple ``(x, y, ...)`` and, with
-    ``labels``, ``y`` an integer class index (not one-hot)."""
+    first epoch end: an item must be a tensor ``x``, a tuple ``(x, y, ...)`` or a dict
+    with ``input_ids`` (and ``attention_mask``) or ``pixel_values`` (and ``labels``) and,
+    with ``labels``, ``y`` an integer class index (not one-hot)."""
     if len(dataset) == 0:
         raise ValueError(f"The {where} is empty.")
     item = dataset[0]
     if isinstance(item, Tensor) and not labels:
         return
-    if not (isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor)):
+    if isinstance(item, Mapping):
+        first_tensor(item)  # a TypeError naming the keys it needs
+    elif not (isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor)):
         raise TypeError(
-            f"Items of the {where} must be tensors x or tuples (x, y, ...) with a tensor x; got "
-            f"{type(item).__name__}"
-            + (
-                " (dict items: wrap the dataset to return (x, y))."
-                if isinstance(item, dict)
-                else "."
-            )
+            f"Items of the {where} must be tensors x, tuples (x, y, ...) with a tensor x, or "
+            f"dicts with 'input_ids' or 'pixel_values'; got {type(item).__name__}."
         )
     if not labels:
         return
-    if len(item) < 2:
-        raise ValueError(f"Items of the {where} have no label: the linear probe needs (x, y).")
-    y = item[1]
+    if (isinstance(item, Mapping) and "labels" not in item) or (
+        not isinstance(item, Mapping) and len(item) < 2
+    ):
+        raise ValueError(
+            f"Items of the {where} have no label: the linear probe needs (x, y) or a dict "
+            "with 'labels'."
+        )
+    y = item_label(item)
     if not (isinstance(y, numbers.Integral) or (isinstance(y, Tensor) and y.numel() == 1)):
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(
@@ -155,6 +158,11 @@ def check_items(dataset: Any, *, labels: bool, where: str) -> None:
         )
 
 
+def item_label(item: Any) -> Any:
+    """The label of a dataset item: ``y`` of ``(x, y, ...)``, or a dict's ``labels``."""
+    return item["labels"] if isinstance(item, Mapping) else item[1]
+
+
 def stack_items(
     dataset: Any, indices: Tensor, *, labels: bool = False
 ) -> tuple[Tensor, Tensor | None]:
@@ -164,7 +172,7 @@ def stack_items(
     x = torch.stack([first_tensor(it) for it in items])
     x, items = x[: len(indices)], items[: len(indices)]  # a rank may have no rows
     y = (
-        torch.as_tensor([int(it[1]) for it in items], dtype=torch.int64, device="cpu")
+        torch.as_tensor([int(item_label(it)) for it in items], dtype=torch.int64, device="cpu")
         if labels
         else None
     )

@@ -8,6 +8,7 @@ from lightning_nfk.data.image_datamodule import (
     balanced_label_indices,
 )
 from lightning_nfk.data.mnist_like import FashionMNISTDataModule, MNISTDataModule
+from lightning_nfk.data.text import TextDataModule, TokenDataset
 from lightning_nfk.data.torchvision_sets import CIFAR10DataModule, SVHNDataModule
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "ImageTensorDataset",
     "MNISTDataModule",
     "SVHNDataModule",
+    "TextDataModule",
+    "TokenDataset",
     "balanced_label_indices",
     "read_idx",
 ]

@@ -4,6 +4,7 @@ Energies (what defines the kernel), the Fisher-vector operator, randomized SVD,
 :class:`LowRankNFK` and the exact reference :func:`exact_nfk`.
 """
 
+from lightning_nfk.kernel._data import pack_tokens, unpack_tokens
 from lightning_nfk.kernel.config import (
     DEFAULT_MEMORY_BUDGET,
     NFKConfig,
@@ -17,6 +18,7 @@ from lightning_nfk.kernel.energies import (
     Energy,
     GANEnergy,
     NTKEnergy,
+    SequenceEnergy,
     VAEEnergy,
 )
 from lightning_nfk.kernel.exact import ExactNFK, exact_nfk
@@ -65,6 +67,7 @@ __all__ = [
     "RitzPairs",
     "Scaling",
     "ScoreJacobian",
+    "SequenceEnergy",
     "SketchOptions",
     "Strategy",
     "VAEEnergy",
@@ -77,10 +80,12 @@ __all__ = [
     "fit_logistic_regression",
     "gather_rows",
     "kernel_mode",
+    "pack_tokens",
     "prepare_fisher_vectors",
     "select_and_fit",
     "stable_rank",
     "subspace_drift",
     "subspace_iteration",
+    "unpack_tokens",
     "working_energy",
 ]

@@ -1,8 +1,10 @@
-"""Iterating fitting data: a tensor of inputs, or any iterable of ``x`` / ``(x, ...)`` batches."""
+"""Iterating fitting data: a tensor of inputs, or any iterable of ``x`` / ``(x, ...)``
+batches, or of dict batches (Hugging Face style: ``input_ids`` with ``attention_mask``,
+packed into one integer tensor by :func:`pack_tokens`; or ``pixel_values``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,15 +14,63 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sequenti
 Data = Tensor | Iterable[Any]
 
 
+def pack_tokens(input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Token ids ``(..., T)`` and their attention mask (default all ones) as one integer
+    tensor ``(..., 2, T)``: the ids over the mask. The engine's form of token inputs: it
+    chunks, moves and differentiates one tensor per batch, and a dict batch becomes this.
+
+    Raises:
+        ValueError: floating-point ids, or a mask of another shape.
+    """
+    if input_ids.is_floating_point():
+        raise ValueError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; `input_ids` "
+            f"{tuple(input_ids.shape)}."
+        )
+    return torch.stack([input_ids, attention_mask.to(input_ids.dtype)], dim=-2)
+
+
+def unpack_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(ids, mask) of token inputs: ids ``(B, T)`` (mask all ones) or a packed ``(B, 2, T)``
+    tensor (:func:`pack_tokens`).
+
+    Raises:
+        ValueError: floating-point inputs or another shape.
+    """
+    if x.is_floating_point() or not (x.ndim == 2 or (x.ndim == 3 and x.shape[1] == 2)):
+        raise ValueError(
+            "Token inputs must be integer ids (B, T) or ids over the attention mask packed as "
+            f"(B, 2, T) (pack_tokens); got shape {tuple(x.shape)} and dtype {x.dtype}."
+        )
+    if x.ndim == 2:
+        return x, torch.ones_like(x)
+    return x[:, 0], x[:, 1]
+
+
 def first_tensor(batch: Any) -> Tensor:
-    """The inputs ``x`` of a batch: the batch itself, or its first element."""
+    """The inputs ``x`` of a batch: the batch itself, or its first element; of a dict
+    batch, its ``input_ids`` packed with its ``attention_mask`` (:func:`pack_tokens`), or
+    its ``pixel_values``."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("input_ids"), Tensor):
+            return pack_tokens(batch["input_ids"], batch.get("attention_mask"))
+        if isinstance(batch.get("pixel_values"), Tensor):
+            return batch["pixel_values"]
+        raise TypeError(
+            "dict batches must hold tensors 'input_ids' (with 'attention_mask') or "
+            f"'pixel_values'; got keys {sorted(batch)}."
+        )
     raise TypeError(
-        "`data` must yield tensors x or tuples/lists (x, ...) whose first element is a "
-        f"tensor; got a batch of type {type(batch).__name__}."
+        "`data` must yield tensors x, tuples/lists (x, ...) whose first element is a "
+        f"tensor, or dicts with 'input_ids'; got a batch of type {type(batch).__name__}."
     )
 
 

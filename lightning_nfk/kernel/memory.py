@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_nfk.kernel.config import DEFAULT_MEMORY_BUDGET
-from lightning_nfk.kernel.per_example import ScoreJacobian
+from lightning_nfk.kernel.per_example import ScoreJacobian, batched_attention
 
 DEVICE_MEMORY_FRACTION = 0.5
 """Share of the device's available memory that a fit takes by default."""
@@ -109,7 +109,11 @@ def activation_bytes(jac: ScoreJacobian, x: Tensor, extras: tuple[Tensor, ...]) 
             total += t.numel() * t.element_size()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.enable_grad(),
+            batched_attention(),  # the attention the per-example passes run
+        ):
             jac._call(theta, x[:b], tuple(e[:b] for e in extras))
         return total
 

@@ -14,9 +14,12 @@ module, its ``.grad`` or its buffers.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_nfk.kernel.energies.base import Energy
 
@@ -104,7 +107,8 @@ class ScoreJacobian:
             return out.reshape(())
 
         in_dims = (None, 0, *([0] * len(extras)))
-        per_example = vmap(grad(single), in_dims=in_dims)(self.theta, x, *extras)
+        with batched_attention():
+            per_example = vmap(grad(single), in_dims=in_dims)(self.theta, x, *extras)
         return [per_example[n].reshape(x.shape[0], -1) for n in self.names]
 
     def gradients(self, x: Tensor, extras: tuple[Tensor, ...] = ()) -> Tensor:
@@ -117,11 +121,23 @@ class ScoreJacobian:
         def along(t: dict[str, Tensor]) -> Tensor:
             return jvp(lambda th: self._call(th, x, extras), (self.theta,), (t,))[1]
 
-        return vmap(along)(self._split(tangents.T.contiguous())).T
+        with batched_attention():
+            return vmap(along)(self._split(tangents.T.contiguous())).T
 
     def vjp(self, x: Tensor, extras: tuple[Tensor, ...], cotangents: Tensor) -> Tensor:
         """:math:`G_b^T Y` for ``cotangents`` Y of shape (B, l), by reverse mode; returns (P, l)."""
-        _, pullback = vjp(lambda th: self._call(th, x, extras), self.theta)
-        l = cotangents.shape[1]
-        (tree,) = vmap(pullback)(cotangents.T.contiguous())
+        with batched_attention():
+            _, pullback = vjp(lambda th: self._call(th, x, extras), self.theta)
+            l = cotangents.shape[1]
+            (tree,) = vmap(pullback)(cotangents.T.contiguous())
         return self._flatten(tree, l).T
+
+
+def batched_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` by its math backend: the fused kernels (flash,
+    memory-efficient, cuDNN; on the CPU too) have no batching rule, so ``vmap`` would run
+    them example by example (slow, with a "performance drop" warning); the math backend
+    is matmuls and a softmax, which ``vmap`` batches. Its memory is the T x T attention
+    matrix per head and example, which the activation measurement of the block sizing
+    sees (it runs through here)."""
+    return sdpa_kernel(SDPBackend.MATH)

@@ -5,7 +5,9 @@ from lightning_nfk.models.distillation import NFKDistillationModule
 from lightning_nfk.models.distillation_terms import DistillationTerm, KDTerm, NFKDTerm
 from lightning_nfk.models.gan import GANModule
 from lightning_nfk.models.gan_inversion import GANInversion, invert_gan
+from lightning_nfk.models.language_model import CausalLMModule
 from lightning_nfk.models.networks import (
+    GPT,
     MLP,
     ConvVAE,
     DCGANDiscriminator,
@@ -13,13 +15,16 @@ from lightning_nfk.models.networks import (
     LeNet5,
     ResNetDiscriminator,
     ResNetGenerator,
+    ViT,
     WideResNet,
 )
 from lightning_nfk.models.vae import VAEModule
 from lightning_nfk.protocol import NFKModule, nfk_energy_of
 
 __all__ = [
+    "GPT",
     "MLP",
+    "CausalLMModule",
     "ClassifierModule",
     "ConvVAE",
     "DCGANDiscriminator",
@@ -35,6 +40,7 @@ __all__ = [
     "ResNetDiscriminator",
     "ResNetGenerator",
     "VAEModule",
+    "ViT",
     "WideResNet",
     "invert_gan",
     "nfk_energy_of",

@@ -115,6 +115,6 @@ def test_dict_items(tmp_path):
         NFKSpectrumCallback(k=4, oversample=4, probe_size=32),
         _DictItems(),
         TypeError,
-        r"Items of the train dataset .* must be tensors x or tuples \(x, y, \.\.\.\) .*got dict "
-        r"\(dict items: wrap the dataset to return \(x, y\)\)",
+        r"dict batches must hold tensors 'input_ids' \(with 'attention_mask'\) or "
+        r"'pixel_values'; got keys \['x', 'y'\]",
     )

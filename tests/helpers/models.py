@@ -13,8 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_nfk.kernel import ClassifierEnergy, Energy, GANEnergy, NTKEnergy, VAEEnergy
+from lightning_nfk.kernel import (
+    ClassifierEnergy,
+    Energy,
+    GANEnergy,
+    NTKEnergy,
+    SequenceEnergy,
+    VAEEnergy,
+)
+from lightning_nfk.models import GPT, ViT
 
 
 def tiny_mlp() -> nn.Module:
@@ -112,6 +121,15 @@ def make_case(name: str, n: int = 48, seed: int = 0) -> Case:
     elif name == "ntk":
         energy = NTKEnergy(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)))
         shape = (6,)
+    elif name == "vit":
+        energy = ClassifierEnergy(
+            ViT(image_size=8, patch_size=4, channels=1, num_classes=5, dim=8, depth=2, heads=2)
+        )
+        shape = (1, 8, 8)
+    elif name == "gpt":
+        energy = SequenceEnergy(GPT(vocab_size=11, context=10, dim=8, depth=2, heads=2))
+        energy = energy.to(torch.float64)
+        return Case(name, energy, *padded_tokens(n + 8, 11, 10, g).split([n, 8]))
     else:
         raise KeyError(name)
     energy = energy.to(torch.float64)
@@ -123,11 +141,47 @@ def make_case(name: str, n: int = 48, seed: int = 0) -> Case:
     return Case(name, energy, x[:n], x[n:])
 
 
+def padded_tokens(n: int, vocab: int, t: int, g: torch.Generator) -> Tensor:
+    """(n, 2, t) packed token inputs (ids over mask): lengths 3..t, a third right-padded,
+    a third left-padded, the rest full; pad id 0."""
+    ids = torch.randint(1, vocab, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    lengths = torch.randint(3, t + 1, (n,), generator=g)
+    for i in range(n):
+        cut = t - int(lengths[i])
+        if i % 3 == 0 and cut:
+            mask[i, t - cut :] = 0
+        elif i % 3 == 1 and cut:
+            mask[i, :cut] = 0
+    return torch.stack([ids * mask, mask], dim=1)
+
+
+def sequence_log_likelihood(logits_fn, xi: Tensor) -> Tensor:
+    """sum over t >= 1 with real x_t and x_{t-1} of log p(x_t | x_<t), for one packed
+    example (2, T); ``logits_fn(ids, mask, positions) -> (T, V)``."""
+    ids, mask = xi[0], xi[1]
+    positions = (mask.cumsum(0) - 1).clamp_min(0)
+    logp = torch.log_softmax(logits_fn(ids, mask, positions)[:-1], dim=-1)
+    token = logp[torch.arange(ids.shape[0] - 1), ids[1:]]
+    keep = (mask[1:] == 1) & (mask[:-1] == 1)
+    return torch.where(keep, token, torch.zeros_like(token)).sum()
+
+
 def _scalar_fn(case: Case):
     """s(params, x_i, *extras) for one example, written independently of the energies."""
     e = case.energy
     m = e.module
-    if case.name in ("mlp", "cnn"):
+    if case.name == "gpt":
+
+        def ll(p, xi):
+            def logits(ids, mask, positions):
+                kw = {"attention_mask": mask[None], "position_ids": positions[None]}
+                return functional_call(m, p, (ids[None],), kw)[0]
+
+            return sequence_log_likelihood(logits, xi)
+
+        return ll
+    if case.name in ("mlp", "cnn", "vit"):
         return lambda p, xi: torch.logsumexp(functional_call(m, p, (xi[None],))[0], dim=0)
     if case.name in ("gan", "ntk"):
         return lambda p, xi: functional_call(m, p, (xi[None],)).reshape(())
@@ -147,11 +201,13 @@ def reference_gradients(case: Case, x: Tensor) -> Tensor:
     m = case.energy.module.eval()
     params = {k: v.detach() for k, v in m.named_parameters()}
     fn = _scalar_fn(case)
-    if case.name == "vae":
-        (eps,) = case.energy.extras(x)
-        grads = vmap(grad(fn), in_dims=(None, 0, 0))(params, x, eps)
-    else:
-        grads = vmap(grad(fn), in_dims=(None, 0))(params, x)
+    # SDPA's math backend: vmap has no batching rule for the fused CPU kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        if case.name == "vae":
+            (eps,) = case.energy.extras(x)
+            grads = vmap(grad(fn), in_dims=(None, 0, 0))(params, x, eps)
+        else:
+            grads = vmap(grad(fn), in_dims=(None, 0))(params, x)
     return torch.cat([grads[k].reshape(x.shape[0], -1) for k in params], dim=1)
 
 

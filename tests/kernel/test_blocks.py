@@ -32,7 +32,7 @@ def _reference_blocks(case, ref):
     return out
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gan", "vae"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gan", "vae", "gpt"])
 @pytest.mark.parametrize("strategy", ["blocked", "matrix_free", "dense"])
 def test_block_spectra_match_the_reference(name, strategy):
     case = make_case(name)

@@ -10,7 +10,9 @@ from lightning_nfk.kernel import LowRankNFK, exact_nfk, kernel_mode
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from tests.helpers.models import make_case, reference, reference_gradients
 
-CASES = ["mlp", "cnn", "gan", "vae", "ntk"]
+# vit: SDPA, LayerNorm, a class token; gpt: a causal LM's SequenceEnergy on padded
+# token inputs (ids over mask), both through vmap (SDPA's math backend, kernel_mode)
+CASES = ["mlp", "cnn", "gan", "vae", "ntk", "vit", "gpt"]
 STRATEGIES = ["dense", "blocked", "matrix_free"]
 
 
@@ -56,7 +58,7 @@ def test_matches_dense_float64_reference(case_and_ref, strategy):
     op = _operator(nfk, case)
     if ref.fisher is not None:
         _close(nfk.fisher_diagonal, ref.fisher, rtol=1e-10)
-    if case.name in ("mlp", "cnn", "gan"):
+    if case.name in ("mlp", "cnn", "gan", "vit", "gpt"):
         _close(nfk.mean_score, ref.z, rtol=1e-10)
     else:
         assert nfk.mean_score is None

@@ -4,6 +4,7 @@ from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.energies.classifier import ClassifierEnergy
 from lightning_nfk.kernel.energies.gan import GANEnergy
 from lightning_nfk.kernel.energies.ntk import NTKEnergy
+from lightning_nfk.kernel.energies.sequence import SequenceEnergy
 from lightning_nfk.kernel.energies.vae import VAEEnergy
 
-__all__ = ["ClassifierEnergy", "Energy", "GANEnergy", "NTKEnergy", "VAEEnergy"]
+__all__ = ["ClassifierEnergy", "Energy", "GANEnergy", "NTKEnergy", "SequenceEnergy", "VAEEnergy"]

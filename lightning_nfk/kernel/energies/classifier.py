@@ -17,7 +17,8 @@ class ClassifierEnergy(Energy):
     Fisher come from the fitting data.
 
     Args:
-        model: a module mapping a batch ``(B, ...)`` to logits ``(B, C)``.
+        model: a module mapping a batch ``(B, ...)`` to logits ``(B, C)`` (or to an object
+            with ``.logits``, as Hugging Face classifiers return).
         parameters: restrict :math:`\\theta` to these parameter-name prefixes (see
             :class:`Energy`); ``None``: all trainable parameters.
 
@@ -37,7 +38,8 @@ class ClassifierEnergy(Energy):
         super().__init__(model, parameters=parameters)
 
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
-        logits = module(x)
+        out = module(x)
+        logits = getattr(out, "logits", out)  # Hugging Face models return an output object
         if logits.ndim != 2:
             raise ValueError(
                 f"ClassifierEnergy expects the model to return logits of shape (B, C); got "

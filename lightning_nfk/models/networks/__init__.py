@@ -4,10 +4,12 @@ from lightning_nfk.models.networks.dcgan import DCGANDiscriminator, DCGANGenerat
 from lightning_nfk.models.networks.lenet import LeNet5
 from lightning_nfk.models.networks.mlp import MLP
 from lightning_nfk.models.networks.resnet_gan import ResNetDiscriminator, ResNetGenerator
+from lightning_nfk.models.networks.transformer import GPT, ViT
 from lightning_nfk.models.networks.vae import ConvVAE
 from lightning_nfk.models.networks.wide_resnet import WideResNet
 
 __all__ = [
+    "GPT",
     "MLP",
     "ConvVAE",
     "DCGANDiscriminator",
@@ -15,5 +17,6 @@ __all__ = [
     "LeNet5",
     "ResNetDiscriminator",
     "ResNetGenerator",
+    "ViT",
     "WideResNet",
 ]
