@@ -20,8 +20,6 @@ does), in alternating order.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,21 +28,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from _machine import machine
 
 from lightning_nfk.callbacks import NFKSpectrumCallback
 from lightning_nfk.cli import load_recipe
 from lightning_nfk.kernel import LowRankNFK
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def quickstart(data_dir: str, steps: int, root: str):

@@ -50,6 +50,9 @@ from lightning_nfk.trainer_utils import (
     strategy_sum,
 )
 
+ROUND_OFF_RESIDUAL = 64
+"""Warm fits' tolerance floor, in units of the working dtype's eps (float32: 7.6e-6)."""
+
 
 class NFKSpectrumCallback(Callback):
     """Fit a rank-``k`` NFK on a fixed probe set on a schedule of epochs or training steps,
@@ -143,6 +146,8 @@ class NFKSpectrumCallback(Callback):
             (``"blocked"``, ``"matrix_free"``, or ``"auto"`` when it picks one: a warning
             says when it picked ``"dense"``, exact and without iterations) and an exact
             trace (the previous fit's ``total_variance_is_exact``); else the fit is cold.
+            A cold residual below 64 eps of the working dtype (round-off, which no fit
+            can be asked to reach again) counts as 64 eps.
         tol: stop every fit's subspace iteration once all top-k relative residuals are at
             most ``tol`` (``n_iter`` stays the cap); None: ``n_iter`` iterations (cold) or
             the cold fit's residuals (warm).
@@ -471,8 +476,13 @@ class NFKSpectrumCallback(Callback):
         ):
             return None, self.tol, layout
         tol = self.tol if self.tol is not None else self._cold_residuals
-        if isinstance(tol, Tensor) and not bool(((tol > 0) & tol.isfinite()).all()):
-            tol = None  # a cold fit converged to round-off (0) or without residuals (NaN)
+        if isinstance(tol, Tensor):
+            if not bool(tol.isfinite().all()):
+                tol = None  # a cold fit without residuals (NaN: n_iter = 0)
+            else:
+                # residuals below this are the working dtype's round-off, not convergence:
+                # a cold fit that reached them would make every warm fit run to the cap
+                tol = tol.clamp_min(ROUND_OFF_RESIDUAL * torch.finfo(prev.operator.dtype).eps)
         return prev.components, tol, layout
 
     def _warn_once(self, message: str) -> None:

@@ -38,9 +38,10 @@ ROW_COPIES = 4
 block, the backward's per-example weight gradients, one spare)."""
 ACTIVATION_COPIES = 2
 """Saved activations and their gradients during the backward pass."""
-SKETCH_COPIES = 5
-"""P x l operands a randomized fit holds at once: the current Z, the previous product (or
-Householder QR's output and workspace), the scaled Z, the accumulator, one spare."""
+SKETCH_COPIES = 4
+"""P x l operands a randomized fit holds at once: in a pass the current Z, the scaled Z
+and the accumulator; in a QR the product, Householder QR's output and its workspace
+(the previous basis and product are freed first); one spare."""
 DENSE_BLOCK_ROWS = 256
 """Most examples in a gradient block of a dense fit: larger blocks are no faster
 (per-example gradients of LeNet-5 or an MLP run as fast in blocks of 64-256 as of 1024)

@@ -27,10 +27,12 @@ from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum, rank_and_wo
 from lightning_nfk.kernel.energies.base import Energy
 from lightning_nfk.kernel.fisher_vectors import FisherVectors, Progress
 from lightning_nfk.kernel.memory import (
+    SKETCH_COPIES,
     activation_bytes,
     dense_block_rows,
     dense_peak_bytes,
     device_budget,
+    sketch_bytes,
 )
 from lightning_nfk.kernel.per_example import ScoreJacobian
 from lightning_nfk.kernel.precision import kernel_mode
@@ -186,13 +188,18 @@ def _prepare(
             num_examples=n,
         )
 
-    # a dense problem that cannot fit even without activations: refused before any evaluation
-    _resolve_strategy(
+    # a dense problem that cannot fit even without activations, or a sketch over the
+    # budget: refused before any evaluation
+    first = _resolve_strategy(
         options, passes, n, p, jac.dtype.itemsize, budget, operator("blocked", budget), world
     )
+    if first != "dense" and sketch is not None:
+        _check_sketch_fits(p, columns, sketches, jac.dtype.itemsize, budget, options)
     activations = _checked_activations(jac, data, n_local, reduce)
     block = operator("blocked", budget, activations)
     strategy = _resolve_strategy(options, passes, n, p, jac.dtype.itemsize, budget, block, world)
+    if strategy != "dense" and first == "dense" and sketch is not None:
+        _check_sketch_fits(p, columns, sketches, jac.dtype.itemsize, budget, options)
     if strategy == "dense":  # the gradient blocks get what V leaves
         rows = options.chunk_size or dense_block_rows(
             n, p, jac.dtype.itemsize, block.bytes_per_row, budget, world
@@ -206,6 +213,27 @@ def _prepare(
             "zero. Does the energy depend on the kernel module's parameters?"
         )
     return op
+
+
+def _check_sketch_fits(
+    p: int, columns: int, sketches: int, itemsize: int, budget: int, options: OperatorOptions
+) -> None:
+    """Refuse, before any pass, a randomized fit whose P x l operands alone exceed the
+    memory budget (the gradient blocks would then get nothing, and the fit would run
+    over the budget unbounded)."""
+    need = sketches * sketch_bytes(p, columns, itemsize)
+    if need <= budget:
+        return
+    whose = "`memory_budget`" if options.memory_budget else "the memory budget"
+    if not options.memory_budget:
+        whose += " (half of the device's available memory; set `memory_budget` to choose)"
+    blocks = " (twice: the parameter blocks' sketches)" if sketches > 1 else ""
+    raise ValueError(
+        f"The randomized fit holds {SKETCH_COPIES} P x l operands{blocks} with P = {p} "
+        f"parameters and l = k + oversample = {columns}: {need / 2**20:.1f} MiB, more than "
+        f"{whose}: {budget / 2**20:.1f} MiB. Lower k + oversample, restrict the kernel to "
+        "fewer parameters (the energy's `parameters=`), or raise `memory_budget`."
+    )
 
 
 def _shared_sizes(

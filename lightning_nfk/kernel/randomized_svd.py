@@ -166,7 +166,11 @@ def subspace_iteration(
     for _ in range(n_iter):
         if ritz is not None and _converged(ritz[2], tol, agree, device):
             break
+        # the old basis and product go before the QR and the pass that replace them: a
+        # P x l operand less at each peak (for P in the hundred millions, gigabytes)
+        del z
         z, _ = orthonormalize(m)
+        del m
         m = normal_matmat(z)
         products += 1
         ritz = _rayleigh_ritz(z, m, k) if tol is not None else None

@@ -181,6 +181,13 @@ def test_energy_argument_type():
         (torch.randn(100, 4), {"k": 10, "oversample": 10}, ValueError, r"min\(100, 15\)"),
         (
             torch.randn(50, 4),
+            {"k": 2, "oversample": 2, "memory_budget": 200, "strategy": "blocked"},
+            ValueError,
+            r"holds 4 P x l operands with P = 15 parameters and l = k \+ oversample = 4: "
+            r"0.0 MiB, more than `memory_budget`: 0.0 MiB. Lower k \+ oversample",
+        ),
+        (
+            torch.randn(50, 4),
             {"k": 2, "strategy": "dense", "memory_budget": 1000},
             ValueError,
             r"strategy='dense'\) needs V \(50 x 15\).*more than `memory_budget`",
@@ -190,7 +197,7 @@ def test_energy_argument_type():
             [{"x": torch.randn(3, 4)}],
             {},
             TypeError,
-            r"`data` must yield tensors x or tuples/lists \(x, ...\).*got a batch of type dict",
+            r"dict batches must hold tensors 'input_ids' .* or 'pixel_values'; got keys \['x'\]",
         ),
     ],
     ids=[
@@ -198,6 +205,7 @@ def test_energy_argument_type():
         "empty-loader",
         "too-wide-n",
         "too-wide-p",
+        "sketch-over-budget",
         "dense-over-budget",
         "not-iterable",
         "dict-batches",

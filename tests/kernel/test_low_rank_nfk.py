@@ -176,9 +176,14 @@ def test_invariant_to_batch_size(strategy, batch_size):
 def test_memory_budget_chunking_does_not_change_result():
     case = make_case("mlp")
     small = LowRankNFK(
-        case.energy, k=3, oversample=8, strategy="blocked", memory_budget=10_000
+        # the float64 sketch takes 98 kB of it; the gradient blocks get the rest
+        case.energy,
+        k=3,
+        oversample=8,
+        strategy="blocked",
+        memory_budget=140_000,
     ).fit(case.x)
-    assert small.operator.max_rows < 8
+    assert 1 < small.operator.max_rows < 8
     big = LowRankNFK(case.energy, k=3, oversample=8, strategy="blocked").fit(case.x)
     _same_float64_spectrum(small, big, len(case.x))  # other chunk shapes
 
@@ -206,7 +211,7 @@ def test_same_seed_same_answer_different_seed_close():
 def test_auto_strategy_picks_dense_for_small_and_blocked_beyond_budget():
     case = make_case("mlp")
     assert LowRankNFK(case.energy, k=3, oversample=4).fit(case.x).strategy_used == "dense"
-    nfk = LowRankNFK(case.energy, k=3, oversample=4, memory_budget=50_000).fit(case.x)
+    nfk = LowRankNFK(case.energy, k=3, oversample=4, memory_budget=80_000).fit(case.x)
     assert nfk.strategy_used == "blocked"
     # min(N, P) = min(300, 279) > 256 (n_iter + 1): the power passes are cheaper than Alg. 1
     x = torch.randn(300, 6, dtype=torch.float64)
