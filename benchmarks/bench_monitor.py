@@ -31,6 +31,7 @@ import torch
 from _machine import machine
 
 from lightning_nfk.callbacks import NFKSpectrumCallback
+from lightning_nfk.callbacks.nfk_spectrum import ROUND_OFF_RESIDUAL
 from lightning_nfk.cli import load_recipe
 from lightning_nfk.kernel import LowRankNFK
 
@@ -143,8 +144,8 @@ class SideBySide(pl.Callback):
                 row[f"{which}_residual"] = float(nfk.residuals.max())
                 fitted[which] = nfk
         cold, warm = fitted["cold"], fitted["warm"]
-        if self.tol is None:
-            self.tol = cold.residuals
+        if self.tol is None:  # as the callback: floored at round-off
+            self.tol = cold.residuals.clamp_min(ROUND_OFF_RESIDUAL * torch.finfo(torch.float32).eps)
         self.warm = warm
         lam_c, lam_w = cold.singular_values.double() ** 2, warm.singular_values.double() ** 2
         row["rel_diff"] = float(((lam_w - lam_c).abs() / lam_c).max())

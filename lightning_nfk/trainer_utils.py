@@ -130,7 +130,10 @@ def check_items(dataset: Any, *, labels: bool, where: str) -> None:
     if isinstance(item, Tensor) and not labels:
         return
     if isinstance(item, Mapping):
-        first_tensor(item)  # a TypeError naming the keys it needs
+        try:
+            first_tensor(item)
+        except TypeError as e:
+            raise TypeError(f"Items of the {where}: {e}") from None
     elif not (isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor)):
         raise TypeError(
             f"Items of the {where} must be tensors x, tuples (x, y, ...) with a tensor x, or "

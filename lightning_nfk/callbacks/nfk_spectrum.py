@@ -88,8 +88,13 @@ class NFKSpectrumCallback(Callback):
     * with ``blocks``, for each parameter block ``<name>``: ``nfk/block/<name>/sigma_1``
       (its top singular value: :math:`\\sigma_1^2` is the top eigenvalue of its Gram
       matrix :math:`V_b V_b^\\top`), ``.../explained_variance`` (its top k's share of its
-      own trace), ``.../effective_rank`` and ``.../trace_share``
-      (:math:`\\|V_b\\|_F^2 / T`: how much of the kernel the block carries);
+      own trace), ``.../effective_rank``, ``.../residual`` (its largest relative
+      residual: with ``warm_start`` the blocks get the passes of a fit that may stop
+      early) and ``.../trace_share``
+      (:math:`\\|V_b\\|_F^2 / T`: how much of the kernel the block carries; with the
+      diagonal Fisher taken over the probe set itself, as for classifiers and language
+      models, every parameter with a non-zero gradient contributes N to the trace, so
+      this is then the block's share of the active parameters);
     * ``nfk/cost_in_steps``: the fit's wall time in units of a training step of the same
       run, a step as ``trainer.global_step`` counts them (measured between batch starts
       within stretches of training: validation, epoch ends and this callback's fits
@@ -154,11 +159,13 @@ class NFKSpectrumCallback(Callback):
         blocks: also each parameter block's spectrum, from the same passes (the
             per-example gradients are computed once; only the products are per block):
             ``"auto"`` (the kernel module's top-level children) or a list of
-            parameter-name prefixes (e.g. ``["model.blocks.0", "model.blocks.11"]``),
+            prefixes of the kernel module's parameter names (e.g. ``["blocks.0",
+            "blocks.11"]`` for a :class:`~lightning_nfk.models.GPT`),
             checked against the module at ``setup``. Costs about one more sketch's
             products and memory per fit (``matrix_free``: one per block); BENCHMARKS.md
             ("Per-block spectra") has it measured. Blocks start cold at every fit and
-            take as many passes as the whole kernel.
+            take as many passes as the whole kernel: with ``warm_start`` that may be one
+            or two, and ``nfk/block/<name>/residual`` says how accurate they are.
         damping, strategy, dtype, memory_budget, chunk_size: the :class:`NFKConfig` of the
             fit, with ``k``, ``oversample``, ``n_iter`` and ``seed``.
         seed: seed of the probe draw and of the random sketch.
@@ -388,6 +395,9 @@ class NFKSpectrumCallback(Callback):
                 f"nfk/block/{name}/effective_rank": block.effective_rank,
                 f"nfk/block/{name}/trace_share": block.trace_share,
             }
+            residual = float(block.residuals.max())
+            if math.isfinite(residual):
+                metrics[f"nfk/block/{name}/residual"] = residual
         residual = float(nfk.residuals.max())
         if math.isfinite(residual):
             metrics["nfk/residual"] = residual

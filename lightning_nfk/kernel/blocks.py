@@ -17,7 +17,9 @@ of its own width, so ``B`` blocks cost ``B`` more products per pass.)
 A block smaller than the sketch (:math:`P_b \\le k + \\text{oversample}`, e.g. a
 LayerNorm or a bias) is sketched by the identity: one pass gives :math:`V_b^\\top V_b`
 itself and its spectrum is exact. Blocks always start cold (a warm start of the whole
-kernel does not carry over), and take as many passes as the whole kernel's iteration.
+kernel does not carry over), and take as many passes as the whole kernel's iteration:
+after a warm-started fit that stopped early, that may be one or two, and their residuals
+say how far they are from converged.
 """
 
 from __future__ import annotations
@@ -110,12 +112,11 @@ def resolve_blocks(blocks: str | Sequence[str], layout: Layout) -> tuple[Paramet
                 f"`blocks` prefix {prefix!r} names none of the kernel's parameters; its "
                 f"top-level names are {top}."
             )
-        rows = [r for i in tensors for r in range(starts[i], starts[i + 1])]
         contiguous = all(starts[i + 1] == starts[j] for i, j in itertools.pairwise(tensors))
         columns: slice | Tensor = (
             slice(starts[tensors[0]], starts[tensors[-1] + 1])
             if contiguous
-            else torch.tensor(rows, dtype=torch.long, device="cpu")
+            else torch.cat([torch.arange(starts[i], starts[i + 1], device="cpu") for i in tensors])
         )
         out.append(ParameterBlock(prefix, tensors, columns, sum(sizes[i] for i in tensors)))
     return tuple(out)
@@ -188,7 +189,10 @@ class BlockSpectrum:
     @property
     def trace_share(self) -> float:
         """The block's share of the whole kernel's trace, :math:`\\|V_b\\|_F^2 / \\|V\\|_F^2`
-        (for blocks that partition the parameters, the shares sum to 1)."""
+        (for blocks that partition the parameters, the shares sum to 1). With the diagonal
+        Fisher from the fitting data itself (``fisher="data"``) each column of V has
+        squared norm :math:`N I / (I + \\text{damping}) \\approx N` where the gradient is
+        not zero, so the share is then that of the block's active parameters."""
         return self.total_variance / self.kernel_total_variance
 
 
@@ -313,6 +317,12 @@ def dense_block_spectra(
             kernel_total_variance=float(kernel_total),
         )
     return out
+
+
+def sketch_share(blocks: Sequence[ParameterBlock], num_parameters: int, columns: int) -> float:
+    """The blocks' P_b x l_b operands together, in units of the kernel's P x l sketch
+    (about 1 for blocks that partition the parameters; more where they overlap)."""
+    return sum(b.size * min(columns, b.size) for b in blocks) / (num_parameters * columns)
 
 
 def block_totals(blocks: Sequence[ParameterBlock], per_tensor: Tensor) -> list[float]:

@@ -118,8 +118,8 @@ class FisherVectors:
         reduce: sum over processes.
         columns: the width ``l`` of the products the operator is for (the sketch's
             ``k + oversample``; 0 for one column at a time): sizes the blocks.
-        sketches: how many P x l sketches share the budget with the blocks (2 with
-            parameter blocks: theirs add up to one more).
+        sketches: P x l sketches sharing the budget with the blocks (more than 1 with
+            parameter blocks: theirs in units of the kernel's).
         memory_budget: bytes for a block; ``None``: ``options.memory_budget``, else the
             device's default (:func:`~lightning_nfk.kernel.memory.device_budget`).
         activations: bytes of activations one example's backward keeps
@@ -135,7 +135,7 @@ class FisherVectors:
         reduce: Reduce,
         *,
         columns: int = 0,
-        sketches: int = 1,
+        sketches: float = 1.0,
         memory_budget: int | None = None,
         activations: int = 0,
         num_examples: int | None = None,
@@ -154,7 +154,7 @@ class FisherVectors:
             cap, fixed = DENSE_BLOCK_ROWS, 0
         else:  # the randomized fit's P x l operands come out of the same budget
             cap = _MAX_MATRIX_FREE_ROWS if self.matrix_free else _MAX_BLOCK_ROWS
-            fixed = sketches * sketch_bytes(p, columns, self.dtype.itemsize)
+            fixed = int(sketches * sketch_bytes(p, columns, self.dtype.itemsize))
         blocks = max(0, budget - fixed)
         self.max_rows = options.chunk_size or max(1, min(blocks // self.bytes_per_row, cap))
         self.statistics = Statistics(None, None)
@@ -464,13 +464,21 @@ class _BlockProducts:
             self.t.append(tb)
             self.c.append(None if mean is None else b.take(mean) @ tb)
         self.m = [torch.zeros_like(zb) for zb in block_z]
+        # matrix_free: each operand embedded in P rows once per pass, not per chunk
+        self.tangents = (
+            [b.embed(tb, op.num_parameters) for b, tb in zip(self.blocks, self.t)]
+            if op.matrix_free
+            else []
+        )
         self.y_sum = [zb.new_zeros(zb.shape[1]) for zb in block_z]
 
     def add(self, x: Tensor, extras: tuple[Tensor, ...], block: Tensor | None) -> None:
         op = self.op
-        for b, tb, cb, mb, ys in zip(self.blocks, self.t, self.c, self.m, self.y_sum):
+        for i, (b, tb, cb, mb, ys) in enumerate(
+            zip(self.blocks, self.t, self.c, self.m, self.y_sum)
+        ):
             if block is None:  # matrix_free: the operand in the block's rows of P
-                yb = op.jacobian.jvp(x, extras, b.embed(tb, op.num_parameters))
+                yb = op.jacobian.jvp(x, extras, self.tangents[i])
             else:
                 gb = b.take(block, dim=1)
                 yb = gb @ tb

@@ -27,6 +27,7 @@ from lightning_nfk.kernel.blocks import (
     block_totals,
     dense_block_spectra,
     resolve_blocks,
+    sketch_share,
 )
 from lightning_nfk.kernel.config import NFKConfig, check_tol
 from lightning_nfk.kernel.distributed import Reduce, all_reduce_sum
@@ -308,14 +309,19 @@ class LowRankNFK:
         """
         self._check_tol(tol)
         self._check_start(start)
-        parts = () if blocks is None else resolve_blocks(blocks, self.energy.kernel_layout())
+        parts, sketches = (), 1.0
+        if blocks is not None:
+            layout = self.energy.kernel_layout()
+            parts = resolve_blocks(blocks, layout)
+            p = sum(math.prod(shape) for _, shape in layout)
+            sketches += sketch_share(parts, p, self.config.k + self.config.oversample)
         op = prepare_fisher_vectors(
             self.energy,
             data,
             self.config,
             reduce=self.reduce,
             progress=progress,
-            sketches=2 if parts else 1,
+            sketches=sketches,
         )
         n = op.num_examples
         # the passes enter kernel_mode themselves; the sketch's algebra between them (QR,
@@ -458,8 +464,9 @@ class LowRankNFK:
             if per_tensor is None:
                 per_tensor = passes[0].per_tensor
             totals = None if per_tensor is None else block_totals(parts, per_tensor)
-            one_pass = c.n_iter == 0 and start is None
-            spectra = sketch.spectra(totals, total, single_pass=one_pass)
+            # one pass (n_iter = 0, or a warm fit that stopped at once): the blocks' cold
+            # sketch has seen a single product, Halko et al.'s one-pass extraction
+            spectra = sketch.spectra(totals, total, single_pass=sketch.passes == 1)
         return (
             sigma,
             ritz.vectors,

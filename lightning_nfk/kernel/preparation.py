@@ -29,6 +29,7 @@ from lightning_nfk.kernel.fisher_vectors import FisherVectors, Progress
 from lightning_nfk.kernel.memory import (
     SKETCH_COPIES,
     activation_bytes,
+    bytes_per_row,
     dense_block_rows,
     dense_peak_bytes,
     device_budget,
@@ -112,7 +113,7 @@ def prepare_fisher_vectors(
     sketch: SketchOptions | None = None,
     reduce: Reduce = all_reduce_sum,
     progress: Progress | None = None,
-    sketches: int = 1,
+    sketches: float = 1.0,
 ) -> FisherVectors:
     """The Fisher-vector operator of ``energy`` over ``data`` (this process's shard), its
     statistics fitted.
@@ -130,8 +131,9 @@ def prepare_fisher_vectors(
             (``exact_nfk``, ``materialize``).
         reduce: sum over the processes.
         progress: called with the number of examples of each chunk of the statistics pass.
-        sketches: P x l sketches the fit holds besides the gradient blocks (2 with
-            parameter blocks), which the blocks' size leaves room for.
+        sketches: P x l sketches the fit holds besides the gradient blocks (more with
+            parameter blocks: their operands in units of the kernel's), which the
+            blocks' size leaves room for.
 
     Returns:
         The operator; ``num_examples`` is N over all processes.
@@ -159,7 +161,7 @@ def _prepare(
     sketch: SketchOptions | None,
     reduce: Reduce,
     progress: Progress | None,
-    sketches: int,
+    sketches: float,
 ) -> FisherVectors:
     jac = ScoreJacobian(energy)
     n_local = count_examples(data)
@@ -198,8 +200,8 @@ def _prepare(
     activations = _checked_activations(jac, data, n_local, reduce)
     block = operator("blocked", budget, activations)
     strategy = _resolve_strategy(options, passes, n, p, jac.dtype.itemsize, budget, block, world)
-    if strategy != "dense" and first == "dense" and sketch is not None:
-        _check_sketch_fits(p, columns, sketches, jac.dtype.itemsize, budget, options)
+    if strategy != "dense" and sketch is not None:  # again, with the measured activations
+        _check_sketch_fits(p, columns, sketches, jac.dtype.itemsize, budget, options, activations)
     if strategy == "dense":  # the gradient blocks get what V leaves
         rows = options.chunk_size or dense_block_rows(
             n, p, jac.dtype.itemsize, block.bytes_per_row, budget, world
@@ -216,22 +218,29 @@ def _prepare(
 
 
 def _check_sketch_fits(
-    p: int, columns: int, sketches: int, itemsize: int, budget: int, options: OperatorOptions
+    p: int,
+    columns: int,
+    sketches: float,
+    itemsize: int,
+    budget: int,
+    options: OperatorOptions,
+    activations: int = 0,
 ) -> None:
-    """Refuse, before any pass, a randomized fit whose P x l operands alone exceed the
-    memory budget (the gradient blocks would then get nothing, and the fit would run
-    over the budget unbounded)."""
-    need = sketches * sketch_bytes(p, columns, itemsize)
-    if need <= budget:
+    """Refuse, before any pass, a randomized fit whose P x l operands and one gradient
+    row exceed the memory budget (the gradient blocks would get nothing, and the fit
+    would run over the budget unbounded)."""
+    need = int(sketches * sketch_bytes(p, columns, itemsize))
+    if need + bytes_per_row(p, itemsize, activations) <= budget:
         return
     whose = "`memory_budget`" if options.memory_budget else "the memory budget"
     if not options.memory_budget:
         whose += " (half of the device's available memory; set `memory_budget` to choose)"
-    blocks = " (twice: the parameter blocks' sketches)" if sketches > 1 else ""
+    blocks = f" (x {sketches:.2f} with the parameter blocks')" if sketches > 1 else ""
     raise ValueError(
         f"The randomized fit holds {SKETCH_COPIES} P x l operands{blocks} with P = {p} "
-        f"parameters and l = k + oversample = {columns}: {need / 2**20:.1f} MiB, more than "
-        f"{whose}: {budget / 2**20:.1f} MiB. Lower k + oversample, restrict the kernel to "
+        f"parameters and l = k + oversample = {columns}: {need / 2**20:.1f} MiB, and at "
+        f"least one gradient row beside them: more than {whose}: {budget / 2**20:.1f} "
+        "MiB. Lower k + oversample, restrict the kernel to "
         "fewer parameters (the energy's `parameters=`), or raise `memory_budget`."
     )
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_nfk.kernel import Energy, SequenceEnergy
 from lightning_nfk.kernel._data import first_tensor, unpack_tokens
-from lightning_nfk.kernel.energies.sequence import causal_mask, positions
+from lightning_nfk.kernel.energies.sequence import additive_mask, positions
 
 
 class CausalLMModule(pl.LightningModule):
@@ -51,7 +51,10 @@ class CausalLMModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, T, V)`` of token inputs (ids, or packed ids over mask)."""
         ids, mask = unpack_tokens(x)
-        out = self.model(ids, attention_mask=causal_mask(mask), position_ids=positions(mask))
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(
+            ids, attention_mask=additive_mask(mask, dtype), position_ids=positions(mask)
+        )
         return getattr(out, "logits", out)
 
     def _loss(self, batch: Mapping[str, Tensor] | Tensor) -> Tensor:

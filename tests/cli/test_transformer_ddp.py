@@ -1,7 +1,6 @@
 """The transformer recipes through ``lightning-nfk fit`` on one CPU process and on two
 with Lightning's ``ddp`` launcher (gloo), under the watchdog: the same nfk/ figures,
-per-block ones included. The recipes' callbacks, schedules (log-spaced steps, warm
-starts), plots, progress bars and loggers are kept; only the width, the data and the
+per-block ones included. The recipes' callbacks, schedules (log-spaced steps), plots, progress bars and loggers are kept; only the width, the data and the
 schedule's first point are made small, and the weights frozen (lr = 0) so that one and
 two processes see the same model."""
 
@@ -82,6 +81,6 @@ def test_transformer_recipe_on_two_processes_logs_what_one_logs(tmp_path, recipe
                 # the blocks' cold sketches: float32 order of the sums only
                 assert two[at][key] == pytest.approx(value, rel=2e-4), (at, key)
             elif key in ("nfk/sigma_1", "nfk/explained_variance", "nfk/effective_rank"):
-                # warm starts (GPT) stop at their residuals: within both fits' bounds
+                # within both fits' residual bounds, float32 round-off on top
                 bound = figures.get("nfk/residual", 0) + two[at].get("nfk/residual", 0) + 2e-4
                 assert two[at][key] == pytest.approx(value, rel=bound), (at, key)

@@ -177,6 +177,33 @@ def test_hugging_face_causal_lm_matches_the_reference():
         )
 
 
+def test_hugging_face_eager_attention_reads_the_mask():
+    # eager attention adds the mask to its scores: the energy's additive mask must make
+    # it equal to SDPA attention, padding exact (a boolean mask would add 1 and 0)
+    transformers = pytest.importorskip("transformers")
+    jacs = {}
+    for impl in ("eager", "sdpa"):
+        config = transformers.GPT2Config(
+            vocab_size=13,
+            n_positions=12,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=None,
+            eos_token_id=None,
+            attn_implementation=impl,
+        )
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config).double().eval()  # no dropout
+        jacs[impl] = ScoreJacobian(SequenceEnergy(model))
+    ids = torch.randint(0, 13, (6,), generator=torch.Generator().manual_seed(1))
+    g0 = jacs["sdpa"].gradients(pack_tokens(ids[None]))
+    atol = 1e-9 * g0.abs().max().item()
+    for side in ("right", "left"):
+        x = _pad(ids, 12, side)
+        torch.testing.assert_close(jacs["eager"].gradients(x), g0, rtol=1e-9, atol=atol)
+
+
 def test_timm_vit_matches_the_reference():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -18,10 +18,11 @@ class SequenceEnergy(Energy):
     the log-likelihood of a sequence's tokens under the attention mask :math:`m`.
 
     A token is scored when it and the token before it are real (mask 1): the first real
-    token has no context to be predicted from, and padding (mask 0) is excluded exactly,
-    wherever it sits, so padding a sequence does not change its score or its Fisher
-    vector (given a model whose real positions ignore padded ones, as Hugging Face's
-    causal LMs and :class:`~lightning_nfk.models.GPT` do with ``attention_mask``).
+    token has no context to be predicted from, and padding (mask 0) on the left or the
+    right is excluded exactly, so padding a sequence does not change its score or its
+    Fisher vector (given a model whose real positions ignore padded ones, as Hugging
+    Face's causal LMs and :class:`~lightning_nfk.models.GPT` do with the mask). The real
+    tokens must be one contiguous run: a pad inside a sequence breaks it in two.
     Centring and diagonal Fisher come from the fitting data.
 
     Inputs: token ids ``(B, T)`` (all real), or the packed ``(B, 2, T)`` integer tensor
@@ -31,14 +32,15 @@ class SequenceEnergy(Energy):
     Args:
         model: a causal LM: ``model(input_ids, attention_mask=..., position_ids=...)``
             returns logits ``(B, T, V)`` or an object with ``.logits`` (Hugging Face).
-        pass_mask: hand the model a 4-D boolean attention mask ``(B, 1, T, T)`` (True:
-            attend; causal, real keys only, and each position itself, so that no query
-            row is empty) and ``position_ids`` (the running count of real tokens, so that
-            left padding does not shift the positions). Hugging Face's causal LMs take
-            such a mask as given; their own path from a 2-D mask branches on its values,
-            which ``vmap`` cannot batch. With False the model gets the ids alone, which
-            is exact for right padding only (a causal model's real tokens never see
-            later pads).
+        pass_mask: hand the model a 4-D additive attention mask ``(B, 1, T, T)`` in its
+            dtype (0 where a query attends: causal, real keys only, and each position
+            itself, so that no query row is empty; the dtype's most negative number
+            elsewhere) and ``position_ids`` (the running count of real tokens, so that
+            left padding does not shift the positions). Hugging Face's causal LMs add
+            such a mask to their attention scores as given, eager and SDPA attention
+            alike; their own path from a 2-D mask branches on its values, which ``vmap``
+            cannot batch. With False the model gets the ids alone, which is exact for
+            right padding only (a causal model's real tokens never see later pads).
         parameters: restrict :math:`\\theta` to these parameter-name prefixes (see
             :class:`Energy`).
 
@@ -75,7 +77,10 @@ class SequenceEnergy(Energy):
     def score(self, module: nn.Module, x: Tensor, *extras: Tensor) -> Tensor:
         ids, mask = unpack_tokens(x)
         if self.pass_mask:
-            out = module(ids, attention_mask=causal_mask(mask), position_ids=positions(mask))
+            dtype = next(module.parameters()).dtype
+            out = module(
+                ids, attention_mask=additive_mask(mask, dtype), position_ids=positions(mask)
+            )
         else:
             out = module(ids)
         logits = getattr(out, "logits", out)
@@ -87,8 +92,19 @@ class SequenceEnergy(Energy):
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         target = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # log p(x_t | x_<t), t >= 1
         scored = (mask[:, 1:] * mask[:, :-1]).to(target.dtype)
-        # where, not a product: a padded position's logits are never read (no 0 * inf)
+        # where, not a product: unscored positions add exactly 0 (their logits are finite:
+        # every query attends to itself at least)
         return torch.where(scored > 0, target, torch.zeros_like(target)).sum(dim=1)
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, 1, T, T) additive attention mask in ``dtype`` from a (B, T) 0/1 mask: 0 where
+    :func:`causal_mask` attends, the dtype's most negative number elsewhere (as Hugging
+    Face builds its own)."""
+    keep = causal_mask(mask)
+    # out of place (under vmap the mask is batched, a fresh zeros tensor is not)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(keep, zero, torch.finfo(dtype).min)
 
 
 def causal_mask(mask: Tensor) -> Tensor:

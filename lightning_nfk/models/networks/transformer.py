@@ -4,8 +4,8 @@ learned position embeddings, at sizes a CPU trains.
 
 Both take the inputs the NFK engine hands them under ``vmap`` (one example at a time):
 no data-dependent control flow, padding handled by masks alone. The kernel's passes run
-attention through SDPA's math backend (see :func:`lightning_nfk.kernel.kernel_mode`),
-which ``vmap`` batches; training uses whichever backend torch picks.
+attention through SDPA's math backend (see
+``lightning_nfk.kernel.per_example.batched_attention``), which ``vmap`` batches; training uses whichever backend torch picks.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class GPT(nn.Module):
     running count, so left padding does not shift them), and a padded position attends to
     itself alone (a query with no key would give NaN). The logits of real tokens are
     therefore those of the unpadded sequence. ``attention_mask`` is (B, T) 0/1, or a
-    (B, 1, T, T) boolean mask used as given (True: attend), as Hugging Face models take.
+    (B, 1, T, T) mask used as given, boolean (True: attend) or additive (0: attend), as
+    Hugging Face models take.
 
     Args:
         vocab_size: tokens (256: bytes).
@@ -114,8 +115,8 @@ class GPT(nn.Module):
         if attention_mask is None:
             if position_ids is None:
                 position_ids = torch.arange(t, device=input_ids.device)
-        elif attention_mask.ndim == 4:  # (B, 1, T, T) boolean, True: attend (as given)
-            mask = attention_mask.bool()
+        elif attention_mask.ndim == 4:  # (B, 1, T, T) as given: boolean or additive
+            mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
             if position_ids is None:
                 position_ids = torch.arange(t, device=input_ids.device)
         else:
