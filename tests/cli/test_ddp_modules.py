@@ -95,10 +95,12 @@ def repo_on_path(monkeypatch):
     "case",
     [
         "gan",
-        "afv-gan",
-        "vae",
-        "distill-kd",
-        "distill-student",
+        # each a 2-process CLI run of 30-60 s: with the slow tests (CI runs them too), so
+        # that the default run stays within its 10 minutes on the slower 2-core machines
+        pytest.param("afv-gan", marks=pytest.mark.slow),
+        pytest.param("vae", marks=pytest.mark.slow),
+        pytest.param("distill-kd", marks=pytest.mark.slow),
+        pytest.param("distill-student", marks=pytest.mark.slow),
         pytest.param("distill-nfkd", marks=pytest.mark.slow),
     ],
 )

@@ -37,7 +37,8 @@ from tests.helpers.processes import (
 # test_launchers.py
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+# ddp_spawn with the slow tests (CI runs them): the default run keeps Lightning's launcher
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("ddp_spawn", marks=pytest.mark.slow)])
 def test_two_processes_log_what_one_logs(one_process, tmp_path, strategy):
     two = fit_quickstart(tmp_path, *FROZEN, *TWO, f"--trainer.strategy={strategy}")
     assert_same_figures(one_process, two)

@@ -63,11 +63,18 @@ def _figures(tmp: Path, recipe: str, devices: int) -> dict[str, dict[str, float]
 
 
 @pytest.mark.parametrize(
-    "recipe", ["fortunes_gpt", pytest.param("cifar10_vit", marks=pytest.mark.slow)]
+    "recipe",
+    [
+        "fortunes_gpt",
+        pytest.param("cifar10_vit", marks=pytest.mark.slow),
+        pytest.param("fortunes_hf_gpt2", marks=pytest.mark.slow),
+    ],
 )
 def test_transformer_recipe_on_two_processes_logs_what_one_logs(tmp_path, recipe, monkeypatch):
     if "fortunes" in recipe and not Path(FORTUNES).is_dir():
         pytest.skip("apt-get install fortunes")
+    if "hf" in recipe:
+        pytest.importorskip("transformers")
     # the CLI's processes import the synthetic image data module from tests.helpers
     path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))
@@ -77,7 +84,9 @@ def test_transformer_recipe_on_two_processes_logs_what_one_logs(tmp_path, recipe
         blocks = [k for k in figures if k.startswith("nfk/block/")]
         assert blocks, figures
         for key, value in figures.items():
-            if key.startswith("nfk/block/"):
+            if key.endswith("/residual"):  # differences of nearly equal numbers: sizes
+                assert two[at][key] == pytest.approx(value, rel=1.0, abs=1e-3), (at, key)
+            elif key.startswith("nfk/block/"):
                 # the blocks' cold sketches: float32 order of the sums only
                 assert two[at][key] == pytest.approx(value, rel=2e-4), (at, key)
             elif key in ("nfk/sigma_1", "nfk/explained_variance", "nfk/effective_rank"):

@@ -184,7 +184,8 @@ def test_energy_argument_type():
             {"k": 2, "oversample": 2, "memory_budget": 200, "strategy": "blocked"},
             ValueError,
             r"holds 4 P x l operands with P = 15 parameters and l = k \+ oversample = 4: "
-            r"0.0 MiB, more than `memory_budget`: 0.0 MiB. Lower k \+ oversample",
+            r"0.0 MiB, and at least one gradient row beside them: more than `memory_budget`: "
+            r"0.0 MiB. Lower k \+ oversample",
         ),
         (
             torch.randn(50, 4),
