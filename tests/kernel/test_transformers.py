@@ -137,7 +137,8 @@ def _within_residuals(nfk: LowRankNFK, sigma: torch.Tensor) -> None:
     assert torch.all(nfk.residuals < 1e-3)
 
 
-def test_hugging_face_causal_lm_matches_the_reference():
+def _hf_gpt2(**config):
+    """A tiny Hugging Face GPT-2 in float64, eval mode (no dropout), seeded."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(
         vocab_size=13,
@@ -147,9 +148,14 @@ def test_hugging_face_causal_lm_matches_the_reference():
         n_head=2,
         bos_token_id=None,
         eos_token_id=None,
+        **config,
     )
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).double().eval()
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_hugging_face_causal_lm_matches_the_reference():
+    model = _hf_gpt2()
     x = padded_tokens(40, 13, 12, torch.Generator().manual_seed(4))
 
     def score(p, xi):
@@ -180,22 +186,10 @@ def test_hugging_face_causal_lm_matches_the_reference():
 def test_hugging_face_eager_attention_reads_the_mask():
     # eager attention adds the mask to its scores: the energy's additive mask must make
     # it equal to SDPA attention, padding exact (a boolean mask would add 1 and 0)
-    transformers = pytest.importorskip("transformers")
-    jacs = {}
-    for impl in ("eager", "sdpa"):
-        config = transformers.GPT2Config(
-            vocab_size=13,
-            n_positions=12,
-            n_embd=16,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=None,
-            eos_token_id=None,
-            attn_implementation=impl,
-        )
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(config).double().eval()  # no dropout
-        jacs[impl] = ScoreJacobian(SequenceEnergy(model))
+    jacs = {
+        impl: ScoreJacobian(SequenceEnergy(_hf_gpt2(attn_implementation=impl)))
+        for impl in ("eager", "sdpa")
+    }
     ids = torch.randint(0, 13, (6,), generator=torch.Generator().manual_seed(1))
     g0 = jacs["sdpa"].gradients(pack_tokens(ids[None]))
     atol = 1e-9 * g0.abs().max().item()
