@@ -64,8 +64,10 @@ def _figures(tmp: Path, recipe: str, devices: int) -> dict[str, dict[str, float]
 
 @pytest.mark.parametrize(
     "recipe",
+    # 40-70 s each: with the slow tests (CI runs them), so that the default run keeps a
+    # margin under its 10 minutes
     [
-        "fortunes_gpt",
+        pytest.param("fortunes_gpt", marks=pytest.mark.slow),
         pytest.param("cifar10_vit", marks=pytest.mark.slow),
         pytest.param("fortunes_hf_gpt2", marks=pytest.mark.slow),
     ],
