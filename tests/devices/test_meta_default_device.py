@@ -34,7 +34,7 @@ def test_the_emulation_catches_a_device_less_factory_call():
 
 
 @pytest.mark.parametrize("strategy", ["dense", "blocked", "matrix_free"])
-@pytest.mark.parametrize("name", ["cnn", "gan", "vae", "ntk"])
+@pytest.mark.parametrize("name", ["cnn", "gan", "vae", "ntk", "vit", "gpt"])
 def test_low_rank_fit_and_transform(name, strategy):
     case = make_case(name, n=40)
     config = NFKConfig(k=4, oversample=4, n_iter=2, strategy=strategy, chunk_size=16)
@@ -47,6 +47,22 @@ def test_low_rank_fit_and_transform(name, strategy):
     scale = float(expected.singular_values[0])
     torch.testing.assert_close(nfk.singular_values, expected.singular_values, rtol=1e-10, atol=0)
     torch.testing.assert_close(got.abs(), want.abs(), rtol=1e-8, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "blocked", "matrix_free"])
+@pytest.mark.parametrize("name", ["cnn", "gpt"])
+def test_block_spectra(name, strategy):
+    case = make_case(name, n=40)
+    config = NFKConfig(k=4, oversample=4, n_iter=2, strategy=strategy, chunk_size=16)
+    expected = LowRankNFK(case.energy, config).fit(case.x, blocks="auto").block_spectra
+    with meta_default_device():
+        got = LowRankNFK(case.energy, config).fit(case.x, blocks="auto").block_spectra
+    assert list(got) == list(expected)
+    for name_, b in got.items():
+        assert b.singular_values.device.type == "cpu"
+        torch.testing.assert_close(
+            b.singular_values, expected[name_].singular_values, rtol=1e-10, atol=0
+        )
 
 
 @pytest.mark.parametrize("name", ["cnn", "vae"])

@@ -90,7 +90,8 @@ def test_a_block_smaller_than_the_sketch_is_exact_and_prefixes_may_overlap():
     nfk.fit(case.x, blocks=["4.bias", "4"])
     small = nfk.block_spectra["4.bias"]
     assert small.num_parameters == 3 and small.singular_values.shape == (3,)
-    assert torch.equal(small.residuals, torch.zeros(3, dtype=torch.float64))
+    # set, not computed: an identity sketch is exact, its residuals are 0 by construction
+    assert small.residuals.shape == (3,) and float(small.residuals.abs().max()) == 0.0
     p = sum(q.numel() for q in case.energy.module.parameters())
     exact = torch.linalg.svdvals(ref.v[:, p - 3 :])
     # a softmax's bias gradients sum to 1, so this block has rank 2: its third singular

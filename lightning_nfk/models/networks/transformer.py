@@ -167,8 +167,9 @@ class ViT(nn.Module):
             )
         patches = (image_size // patch_size) ** 2
         self.patch = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.positions = nn.Parameter(torch.zeros(1, patches + 1, dim))
+        device = self.patch.weight.device  # where the module is built (the default device)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim, device=device))
+        self.positions = nn.Parameter(torch.zeros(1, patches + 1, dim, device=device))
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
