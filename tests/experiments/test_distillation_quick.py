@@ -1,0 +1,74 @@
+"""``experiments/distillation.py --quick`` end to end, as a user runs it (a subprocess
+that runs the recipes' ``lightning-nfk fit`` / ``test``), on a CIFAR-10-shaped tree of
+random PNG images written here (the real CIFAR-10 is not on the test machines): the
+teacher, the three row kinds (full, labelled-only, every image) and two of the sweep's
+variants, one of them with its own NFK fit; the JSON, the summary and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from lightning_nfk.data.torchvision_sets import CIFAR10_CLASSES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tree(root: Path, per_class: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name in CIFAR10_CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8)
+            write_png(image, str(root / name / f"{i:03d}.png"))
+
+
+@pytest.mark.slow  # a teacher, five students and two NFK fits through the CLI: minutes
+def test_distillation_quick_run_with_sweep(tmp_path):
+    data = tmp_path / "cifar10"
+    _tree(data / "train", 75, seed=0)  # quick: 500 training + 250 validation images
+    _tree(data / "test", 10, seed=1)
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(REPO / "experiments" / "distillation.py"),
+        *("--quick", "--data-dir", str(data), "--out", str(out)),
+        *("--modes", "nfkd", "--sweep", "cosine", "n_iter10"),
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    expected = {
+        "teacher",
+        *(f"{row}/nfkd/seed0" for row in ("full", "labels100", "labels100-semi")),
+        "full/nfkd-cosine/seed0",
+        "full/nfkd-n_iter10/seed0",
+    }
+    assert set(results) == expected
+    sweep = results["full/nfkd-n_iter10/seed0"]["command"]
+    assert "--model.n_iter=2" in sweep and "nfk_cache_k20_n2.pt" in sweep
+    assert "--model.teacher_loss=cosine" in results["full/nfkd-cosine/seed0"]["command"]
+    # the teacher's NFK: one fit per n_iter, shared by the students
+    assert sorted(p.name for p in out.glob("nfk_cache_*.pt")) == [
+        "nfk_cache_k20_n1.pt",
+        "nfk_cache_k20_n2.pt",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["rows"]) == {k.rsplit("/", 1)[0] for k in expected - {"teacher"}}
+    for row in summary["rows"].values():
+        assert row["n"] == 1 and math.isnan(row["sd"]) and 0 <= row["mean"] <= 100
+        assert row["minutes"] > 0
+    assert summary["meta"]["mode"] == "quick" and summary["meta"]["commit"]
+    assert (out / "distillation.png").stat().st_size > 1000
+    for r in results.values():
+        assert 0 <= r["test_acc"] <= 1
