@@ -108,8 +108,7 @@ def main() -> None:
         nargs="*",
         default=[],
         choices=sorted(SWEEP),
-        help="NFKD variants on the full row, named by the setting changed (run names "
-        "nfkd-<name>)",
+        help="NFKD variants on the full row, named by the setting changed (run names nfkd-<name>)",
     )
     p.add_argument("--sweep-seeds", type=int, nargs="+", default=[0])
     a = p.parse_args()
@@ -309,6 +308,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
