@@ -129,7 +129,7 @@ def main() -> None:
         "--data.num_workers=0",
     ]
     # float32: the recipes train in bf16-mixed for a GPU; on a CPU without bfloat16
-    # instructions autocast emulates it (a WRN-16-2 step 8x slower on a 2-core AMD EPYC)
+    # instructions autocast emulates it (11-27x slower steps on a 2-core AMD EPYC, BENCHMARKS.md)
     cpu = [
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
