@@ -29,8 +29,8 @@ def main() -> None:
         "--epochs",
         type=int,
         default=None,
-        help="training epochs (full: 4, the issue's budget of about 90 minutes of training: "
-        "Fashion-MNIST took 17-41 minutes an epoch on 2 cores)",
+        help="training epochs (full: 4; a Fashion-MNIST epoch took 17-41 minutes on 2 "
+        "cores, so 68-164 minutes of training)",
     )
     p.add_argument(
         "--upto",

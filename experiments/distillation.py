@@ -46,6 +46,21 @@ SWEEP: dict[str, tuple[list[str], int | None]] = {
     "n_iter10": ([], 10),  # the paper's 10 power iterations for the teacher's NFK
 }
 
+# --quick: every path once, in minutes (a WRN-10-1 teacher, 1 epoch, n_iter 1)
+QUICK = {
+    "train_subset": 500,
+    "val_size": 250,
+    "teacher_epochs": 1,
+    "epochs": 1,
+    "teacher_depth": 10,
+    "teacher_width": 1,
+    "n_iter": 1,
+    "seeds": [0],
+    "low_label": 100,
+    "low_label_epochs": 1,
+    "semi_epochs": 1,
+}
+
 
 def metrics(run_dir: Path, name: str) -> dict[str, float]:
     """The last value of each metric over the CSV logs of ``name`` in version order (the
@@ -112,11 +127,9 @@ def main() -> None:
     )
     p.add_argument("--sweep-seeds", type=int, nargs="+", default=[0])
     a = p.parse_args()
-    if a.quick:  # every path once, in minutes: a WRN-10-1 teacher, 1 epoch, n_iter 1
-        a.train_subset, a.val_size, a.teacher_epochs, a.epochs = 500, 250, 1, 1
-        a.teacher_depth, a.teacher_width = 10, 1
-        a.n_iter, a.seeds, a.low_label, a.low_label_epochs = 1, [0], 100, 1
-        a.semi_epochs = 1
+    if a.quick:  # new defaults; what the command line names still wins
+        p.set_defaults(**QUICK)
+        a = p.parse_args()
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -231,7 +244,8 @@ def main() -> None:
         overrides, n_iter = SWEEP[name]
         n_iter = min(n_iter, 2) if a.quick and n_iter else n_iter  # quick: minutes
         for seed in a.sweep_seeds:
-            student("nfkd", seed, overrides, a.epochs, "full", f"-{name}", n_iter or a.n_iter)
+            tag = f"{a.tag}-{name}"
+            student("nfkd", seed, overrides, a.epochs, "full", tag, n_iter or a.n_iter)
     if a.low_label:
         low = [
             f"--data.num_labels={a.low_label}",
@@ -262,11 +276,12 @@ def main() -> None:
     plot(summary, out / "distillation.png")
     print(f"teacher {results['teacher']['net']}: {100 * results['teacher']['test_acc']:.2f}")
     for name, row in summary["rows"].items():
-        print(f"{name}: {row['mean']:.2f} +- {row['sd']:.2f} (n={row['n']})")
+        sd = "" if row["sd"] is None else f" +- {row['sd']:.2f}"
+        print(f"{name}: {row['mean']:.2f}{sd} (n={row['n']})")
 
 
 def summarize(results: dict) -> dict:
-    """Test accuracy (%) per row (``row/run``): mean, sample sd (NaN for one seed), seeds,
+    """Test accuracy (%) per row (``row/run``): mean, sample sd (None for one seed), seeds,
     the median minutes of its fits."""
     runs: dict[str, list[dict]] = {}
     for key, r in results.items():
@@ -277,7 +292,7 @@ def summarize(results: dict) -> dict:
         accs = [100 * r["test_acc"] for r in rs]
         rows[name] = {
             "mean": statistics.mean(accs),
-            "sd": statistics.stdev(accs) if len(accs) > 1 else float("nan"),
+            "sd": statistics.stdev(accs) if len(accs) > 1 else None,
             "n": len(accs),
             "accs": accs,
             "seeds": [r["seed"] for r in rs],
@@ -293,6 +308,8 @@ def plot(summary: dict, path: Path) -> None:
     groups: dict[str, list[str]] = {}
     for name in summary["rows"]:
         groups.setdefault(name.split("/")[0], []).append(name)
+    if not groups:  # the teacher alone
+        return
     fig, axes = common.figure(1, len(groups), size=(5.0, 3.6))
     for ax, (group, names) in zip(axes[0], groups.items()):
         for i, name in enumerate(names):
@@ -300,8 +317,8 @@ def plot(summary: dict, path: Path) -> None:
             ax.barh(i, row["mean"], color="0.8")
             ax.plot(row["accs"], [i] * row["n"], "k.", ms=4)
         ax.set_yticks(range(len(names)), [n.split("/", 1)[1] for n in names], fontsize=8)
-        low = min(min(summary["rows"][n]["accs"]) for n in names)
-        ax.set_xlim(max(0.0, low - 5), summary["teacher"]["test_acc"] + 2)
+        accs = [acc for n in names for acc in summary["rows"][n]["accs"]]
+        ax.set_xlim(max(0.0, min(accs) - 5), max(*accs, summary["teacher"]["test_acc"]) + 2)
         ax.axvline(summary["teacher"]["test_acc"], color="C0", ls="--", label="teacher")
         ax.set_xlabel("test accuracy, %")
         ax.set_title(group, fontsize=9)
