@@ -81,21 +81,27 @@ class Run:
         print(f"[{self.name} {time.time() - self.t0:7.1f}s]", *what, flush=True)
 
     def save(self) -> Path:
-        meta = {
-            "script": f"experiments/{self.name}.py",
-            "command": "python " + " ".join([f"experiments/{self.name}.py", *sys.argv[1:]]),
-            "mode": "quick" if self.quick else "full",
-            "commit": self.commit,
-            "wall_time_s": round(time.time() - self.t0, 1),
-            "machine": machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        }
+        meta = run_meta(self.name, self.quick, self.commit)
+        meta["wall_time_s"] = round(time.time() - self.t0, 1)
         path = self.out / f"{self.name}.json"
         path.write_text(json.dumps({"meta": meta, **self.results}, indent=1, default=_plain) + "\n")
         self.log(f"wrote {path} ({meta['wall_time_s']} s)")
         return path
+
+
+def run_meta(name: str, quick: bool, commit: str | None = None) -> dict[str, Any]:
+    """What a result file says of its run: script, command, mode, commit, machine, torch,
+    threads, date."""
+    return {
+        "script": f"experiments/{name}.py",
+        "command": "python " + " ".join([f"experiments/{name}.py", *sys.argv[1:]]),
+        "mode": "quick" if quick else "full",
+        "commit": commit or _commit(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def machine() -> str:

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import common
-import torch
 
 from lightning_nfk.runs import latest_checkpoint
 
@@ -242,10 +241,12 @@ def main() -> None:
             student(mode, seed, [], a.epochs, "full")
     for name in a.sweep:
         overrides, n_iter = SWEEP[name]
-        n_iter = min(n_iter, 2) if a.quick and n_iter else n_iter  # quick: minutes
+        if n_iter is None:
+            n_iter = a.n_iter
+        elif a.quick:
+            n_iter = min(n_iter, 2)  # quick: minutes
         for seed in a.sweep_seeds:
-            tag = f"{a.tag}-{name}"
-            student("nfkd", seed, overrides, a.epochs, "full", tag, n_iter or a.n_iter)
+            student("nfkd", seed, overrides, a.epochs, "full", f"{a.tag}-{name}", n_iter)
     if a.low_label:
         low = [
             f"--data.num_labels={a.low_label}",
@@ -264,14 +265,7 @@ def main() -> None:
 
     # -- summary --------------------------------------------------------------------------------
     summary = summarize(results)
-    summary["meta"] = {
-        "command": "python " + " ".join(["experiments/distillation.py", *sys.argv[1:]]),
-        "mode": "quick" if a.quick else "full",
-        "commit": common._commit(),
-        "machine": common.machine(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    summary["meta"] = common.run_meta("distillation", a.quick)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(summary, out / "distillation.png")
     print(f"teacher {results['teacher']['net']}: {100 * results['teacher']['test_acc']:.2f}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torchvision.io import write_png
@@ -11,20 +9,7 @@ from torchvision.io import write_png
 from lightning_nfk.data import CIFAR10DataModule
 from lightning_nfk.data.image_folder import read_image_folder
 from lightning_nfk.data.torchvision_sets import CIFAR10_CLASSES
-
-
-def _tree(root: Path, per_class: dict[str, int], shape=(3, 32, 32), seed=0) -> dict:
-    """PNG files (lossless) root/<class>/<i>.png; returns the images written, by path."""
-    g = torch.Generator().manual_seed(seed)
-    written = {}
-    for name, n in per_class.items():
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            image = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-            path = root / name / f"{i:03d}.png"
-            write_png(image, str(path))
-            written[path] = image
-    return written
+from tests.helpers.data import write_image_tree as _tree
 
 
 def test_reads_classes_in_sorted_order_and_files_in_sorted_order(tmp_path):

@@ -13,28 +13,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torchvision.io import write_png
 
 from lightning_nfk.data.torchvision_sets import CIFAR10_CLASSES
+from tests.helpers.data import write_image_tree
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _tree(root: Path, per_class: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for name in CIFAR10_CLASSES:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            image = torch.randint(0, 256, (3, 32, 32), generator=g, dtype=torch.uint8)
-            write_png(image, str(root / name / f"{i:03d}.png"))
 
 
 @pytest.mark.slow  # a teacher, five students and two NFK fits through the CLI: minutes
 def test_distillation_quick_run_with_sweep(tmp_path):
     data = tmp_path / "cifar10"
-    _tree(data / "train", 75, seed=0)  # quick: 500 training + 250 validation images
-    _tree(data / "test", 10, seed=1)
+    # quick: 500 training + 250 validation images
+    write_image_tree(data / "train", dict.fromkeys(CIFAR10_CLASSES, 75), seed=0)
+    write_image_tree(data / "test", dict.fromkeys(CIFAR10_CLASSES, 10), seed=1)
     out = tmp_path / "out"
     command = [
         sys.executable,

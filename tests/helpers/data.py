@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
+from torchvision.io import write_png
 
 from lightning_nfk.data import ImageDataModule
 
@@ -39,3 +42,20 @@ class RandomImageDataModule(ImageDataModule):
         )
         x = 128 + self.separation * pattern[y] + 30 * torch.randn(n, *self.shape, generator=g)
         return x.clamp(0, 255).to(torch.uint8), y
+
+
+def write_image_tree(
+    root: Path, per_class: dict[str, int], shape=(3, 32, 32), seed=0
+) -> dict[Path, Tensor]:
+    """Random PNG files (lossless) root/<class>/<i>.png; returns the images written, by
+    path."""
+    g = torch.Generator().manual_seed(seed)
+    written = {}
+    for name, n in per_class.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+            path = root / name / f"{i:03d}.png"
+            write_png(image, str(path))
+            written[path] = image
+    return written
