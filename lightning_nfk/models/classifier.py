@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_nfk.kernel import ClassifierEnergy, Energy
+from lightning_nfk.models._metrics import Accuracy
 
 
 class ClassifierModule(pl.LightningModule):
@@ -34,9 +34,9 @@ class ClassifierModule(pl.LightningModule):
         self.net = net
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc = Accuracy(num_classes)
+        self.val_acc = Accuracy(num_classes)
+        self.test_acc = Accuracy(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -57,7 +57,7 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -65,14 +65,14 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
-        self.val_acc(logits, y)
+        self.val_acc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         x, y = batch[0], batch[1]  # (x, y) or (x, y, index)
         logits = self.net(x)
-        self.test_acc(logits, y)
+        self.test_acc.update(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("test/acc", self.test_acc)
 

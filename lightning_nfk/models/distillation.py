@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_nfk._io import describe_error
 from lightning_nfk.kernel import ClassifierEnergy, Energy, kernel_mode
 from lightning_nfk.kernel._data import first_tensor
 from lightning_nfk.kernel.config import check_int
+from lightning_nfk.models._metrics import Accuracy
 from lightning_nfk.models.distillation_terms import (
     DistillationTerm,
     KDTerm,
@@ -198,9 +198,9 @@ class NFKDistillationModule(pl.LightningModule):
         for name, module in ({} if term is None else term.modules()).items():
             self.add_module(name, module)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc = Accuracy(num_classes, ignore_index=UNLABELED)
+        self.val_acc = Accuracy(num_classes)
+        self.test_acc = Accuracy(num_classes)
 
     @property
     def teacher_targets(self) -> TeacherTargets | None:
@@ -309,7 +309,7 @@ class NFKDistillationModule(pl.LightningModule):
             for name, logged in logs.items():
                 self.log(f"train/{name}", logged)
             loss = self.alpha * ce + (1 - self.alpha) * value
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -317,7 +317,7 @@ class NFKDistillationModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
         features, logits = self._forward(x)
-        self.val_acc(logits, y)
+        self.val_acc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
         if self.term is not None:
@@ -327,7 +327,7 @@ class NFKDistillationModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
         logits = self.student(x)
-        self.test_acc(logits, y)
+        self.test_acc.update(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("test/acc", self.test_acc)
 
