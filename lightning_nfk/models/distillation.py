@@ -62,8 +62,9 @@ class NFKDistillationModule(pl.LightningModule):
 
     * ``"nfkd"``: :math:`\\alpha\\,\\mathrm{CE} + (1 - \\alpha)\\,L_t(h_s(x), Q_t(x))`,
       :math:`Q_t(x) = e(x) = V_x P` the teacher's rank-``k`` NFK embedding (classifier
-      energy, centred and normalised on the un-augmented training split); ``L_t`` the mean
-      squared error (``"mse"``) or one minus the cosine similarity (``"cosine"``);
+      energy, centred and normalised on the un-augmented training split); ``L_t`` one minus
+      the cosine similarity (``"cosine"``, the default) or the mean squared error
+      (``"mse"``);
     * ``"kd"``: Hinton et al. (2015),
       :math:`\\alpha\\,\\mathrm{CE} + (1 - \\alpha)\\,T^2\\,\\mathrm{KL}(p_t^T \\| p_s^T)`;
     * ``"none"``: the student alone (cross-entropy).
@@ -129,7 +130,7 @@ class NFKDistillationModule(pl.LightningModule):
         alpha: weight of the cross-entropy; default 0.5 for ``"nfkd"`` and 0.1 for
             ``"kd"`` (the KD repositories' 0.1 CE + 0.9 KD); 1 for ``"none"``.
         k: NFK components (the paper: 20).
-        teacher_loss: ``"mse"`` or ``"cosine"``.
+        teacher_loss: ``"cosine"`` (the default) or ``"mse"``.
         target_scaling: ``"standardize"`` or ``"raw"``.
         head: the prediction head :math:`h_s` (d -> k); default ``nn.Linear(d, k)``.
         targets: ``"precomputed"`` or ``"online"``.
@@ -159,7 +160,7 @@ class NFKDistillationModule(pl.LightningModule):
         num_classes: int = 10,
         alpha: float | None = None,
         k: int = 20,
-        teacher_loss: Literal["mse", "cosine"] = "mse",
+        teacher_loss: Literal["mse", "cosine"] = "cosine",
         target_scaling: Literal["standardize", "raw"] = "standardize",
         head: nn.Module | None = None,
         targets: Literal["precomputed", "online"] = "precomputed",

@@ -151,8 +151,10 @@ class NFKDTerm(DistillationTerm):
 
     Args:
         k: NFK components (the paper: 20).
-        teacher_loss: :math:`L_t`: ``"mse"`` (mean squared error) or ``"cosine"`` (one minus
-            the cosine similarity).
+        teacher_loss: :math:`L_t`: ``"cosine"`` (one minus the cosine similarity, the
+            default) or ``"mse"`` (mean squared error); the paper allows either. Cosine
+            distils better at CPU scale (three seeds each: 69.5% against 68.8%, level with
+            KD; docs/design.md, section 8).
         target_scaling: ``"standardize"`` divides component i by its root mean square over
             the fitting set, :math:`\\sigma_i / \\sqrt{N}`, so that every component weighs
             the same; ``"raw"`` keeps :math:`e(x)`, whose first component dwarfs the k-th.
@@ -175,7 +177,7 @@ class NFKDTerm(DistillationTerm):
     def __init__(
         self,
         k: int = 20,
-        teacher_loss: Literal["mse", "cosine"] = "mse",
+        teacher_loss: Literal["mse", "cosine"] = "cosine",
         target_scaling: Literal["standardize", "raw"] = "standardize",
         head: nn.Module | None = None,
         targets: Literal["precomputed", "online"] = "precomputed",

@@ -31,7 +31,7 @@ def test_distillation_quick_run_with_sweep(tmp_path):
         sys.executable,
         str(REPO / "experiments" / "distillation.py"),
         *("--quick", "--data-dir", str(data), "--out", str(out)),
-        *("--modes", "nfkd", "--sweep", "cosine", "n_iter10"),
+        *("--modes", "nfkd", "--sweep", "mse", "n_iter10"),
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -41,13 +41,13 @@ def test_distillation_quick_run_with_sweep(tmp_path):
     expected = {
         "teacher",
         *(f"{row}/nfkd/seed0" for row in ("full", "labels100", "labels100-semi")),
-        "full/nfkd-cosine/seed0",
+        "full/nfkd-mse/seed0",
         "full/nfkd-n_iter10/seed0",
     }
     assert set(results) == expected
     sweep = results["full/nfkd-n_iter10/seed0"]["command"]
     assert "--model.n_iter=2" in sweep and "nfk_cache_k20_n2.pt" in sweep
-    assert "--model.teacher_loss=cosine" in results["full/nfkd-cosine/seed0"]["command"]
+    assert "--model.teacher_loss=mse" in results["full/nfkd-mse/seed0"]["command"]
     # the teacher's NFK: one fit per n_iter, shared by the students
     assert sorted(p.name for p in out.glob("nfk_cache_*.pt")) == [
         "nfk_cache_k20_n1.pt",
