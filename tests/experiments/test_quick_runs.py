@@ -17,12 +17,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # The longer quick runs run with the slow tests, which CI runs too (.ci/run): the three
-# longest (2-4 minutes together), and vae_kernel and inversion, moved there when the
-# default run passed 10 minutes on a 2-core AMD EPYC. The default run keeps three.
+# longest (2-4 minutes together), and vae_kernel, inversion and lowrank (45 s), moved
+# there when the default run passed 10 minutes on a 2-core AMD EPYC. The default run
+# keeps two.
 SLOW = pytest.mark.slow
 SCRIPTS = [
     "components",
-    "lowrank",
+    pytest.param("lowrank", marks=SLOW),
     "accuracy",
     pytest.param("vae_kernel", marks=SLOW),
     pytest.param("inversion", marks=SLOW),
