@@ -26,6 +26,7 @@ def _run(*args: str, timeout: float, env: dict[str, str] | None = None):
     )
 
 
+@pytest.mark.slow  # 27 s on the 2-core EPYC (it collects the CUDA tests and loads the scripts)
 def test_dry_run_lists_the_steps_and_loads_them(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.setenv("PYTHON", sys.executable)

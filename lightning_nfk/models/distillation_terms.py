@@ -318,8 +318,11 @@ class NFKDTerm(DistillationTerm):
         if q is None:
             return {}
         h = self.head(features)
-        self.val_r2(h, q)
-        self.val_cos(h, q)
+        # `update`, not a call: a call also computes the batch's value, and R2Score's compute
+        # reads its count on the host (a sync per step); the epoch's value is computed once,
+        # when Lightning logs the metric at the epoch's end
+        self.val_r2.update(h, q)
+        self.val_cos.update(h, q)
         return {"nfkd/target_r2": self.val_r2, "nfkd/target_cos": self.val_cos}
 
     # -- checkpoints: the tables of precomputed targets ------------------------------------------

@@ -205,3 +205,20 @@ def test_training_and_validation_steps_have_no_host_sync(which):
         m.validation_step((x, y.clamp_min(0), torch.arange(4, device=META)), 0)
     assert loss.device == META and loss.shape == ()
     assert m.train_acc.total.device == META and m.val_acc.correct.device == META
+
+
+def test_nfkd_training_and_validation_steps_have_no_host_sync():
+    """NFKD's steps as Lightning calls them: the accuracy, the loss on the precomputed
+    targets, and the validation metrics of the head's fit (R^2, cosine). Called, rather
+    than updated, torchmetrics' ``R2Score`` computes the batch's value and reads its count
+    on the host, which this test caught."""
+    m, _ = _fitted("precomputed")
+    m.trainer = None  # outside a loop: `log` is a no-op
+    m.to(META).on_validation_start()
+    x, y = torch.zeros(4, 1, 8, 8, device=META), torch.zeros(4, dtype=torch.long, device=META)
+    index = torch.tensor([5, 0, 17, 3], device="cpu").to(META)
+    with no_host_traffic():
+        loss = m.training_step((x, y, index), 0)
+        m.validation_step((x, y, index), 0)
+    assert loss.device == META and loss.shape == ()
+    assert m.term.val_r2.residual.device == META and m.term.val_cos.preds[0].device == META

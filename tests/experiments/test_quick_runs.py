@@ -17,12 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # The longer quick runs run with the slow tests, which CI runs too (.ci/run): the three
-# longest (2-4 minutes together), and vae_kernel, inversion and lowrank (45 s), moved
-# there when the default run passed 10 minutes on a 2-core AMD EPYC. The default run
-# keeps two.
+# longest (2-4 minutes together), and vae_kernel, inversion, lowrank (45 s) and
+# components (30 s), moved there when the default run passed 10 minutes on a 2-core AMD
+# EPYC. The default run keeps one, accuracy's.
 SLOW = pytest.mark.slow
 SCRIPTS = [
-    "components",
+    pytest.param("components", marks=SLOW),
     pytest.param("lowrank", marks=SLOW),
     "accuracy",
     pytest.param("vae_kernel", marks=SLOW),

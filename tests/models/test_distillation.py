@@ -120,6 +120,28 @@ def test_each_mode_trains_the_student_and_leaves_the_teacher_alone(mode, targets
     assert 0 <= t.logged_metrics["test/acc"] <= 1
 
 
+def test_the_head_metrics_are_the_whole_validation_epochs():
+    """``nfkd/target_r2`` (variance-weighted) and ``nfkd/target_cos`` (the mean cosine) of
+    the head's outputs against the validation targets, over the epoch's two batches,
+    against a float64 computation of their definitions (float32 inputs: 1e-5)."""
+    m, dm = module("nfkd"), data(val_size=64)
+    t = trainer(limit_train_batches=2)
+    t.fit(m, dm)
+    m.eval()
+    hs, qs = [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            hs.append(m.head(m.student.features(batch[0])).double())
+            qs.append(m.term.batch_targets(batch, "val").double())
+    h, q = torch.cat(hs), torch.cat(qs)
+    assert len(h) == 64
+    r2 = 1 - ((q - h) ** 2).sum() / ((q - q.mean(0)) ** 2).sum()
+    cos = ((h * q).sum(1) / (h.norm(dim=1) * q.norm(dim=1))).mean()
+    logged = t.logged_metrics
+    assert abs(float(logged["nfkd/target_r2"]) - float(r2)) <= 1e-5 * max(1.0, abs(float(r2)))
+    assert abs(float(logged["nfkd/target_cos"]) - float(cos)) <= 1e-5
+
+
 def test_kd_loss_is_hintons():
     m = module("kd", alpha=0.3, temperature=2.0)
     torch.manual_seed(1)
