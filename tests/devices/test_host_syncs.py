@@ -182,15 +182,23 @@ def test_online_targets_have_no_host_sync():
 
 
 # -- the modules' training and validation steps, accuracy included ------------------------------
-@pytest.mark.parametrize("which", ["classifier", "kd-semi"])
+@pytest.mark.parametrize("which", ["classifier", "kd-semi", "vae"])
 def test_training_and_validation_steps_have_no_host_sync(which):
     """The steps as Lightning calls them, the accuracy's update included (torchmetrics'
     ``MulticlassAccuracy`` fails the semi case here: under ``ignore_index`` a boolean
     selection reads the labels on the host; on CUDA its argument check's ``unique`` and
     its ``bincount`` read them too, which the emulation does not show)."""
-    from lightning_nfk.models import ClassifierModule
+    from lightning_nfk.models import ClassifierModule, ConvVAE, VAEModule
 
     torch.manual_seed(0)
+    if which == "vae":  # the ELBO's noise drawn on the device, each rank's rows of one draw
+        vae = VAEModule(ConvVAE(latent_dim=4, width=8)).to(META)
+        x = torch.zeros(4, 1, 28, 28, device=META)
+        with no_host_traffic():
+            loss = vae.training_step((x,), 0)
+            vae.validation_step((x,), 0)
+        assert loss.device == META and loss.shape == ()
+        return
     if which == "classifier":
         m = ClassifierModule(WideResNet(10, 1, in_channels=1), num_classes=10)
         y = torch.zeros(4, dtype=torch.long, device=META)
