@@ -230,3 +230,40 @@ def test_nfkd_training_and_validation_steps_have_no_host_sync():
         m.validation_step((x, y, index), 0)
     assert loss.device == META and loss.shape == ()
     assert m.term.val_r2.residual.device == META and m.term.val_cos.preds[0].device == META
+
+
+@pytest.mark.parametrize("design", ["dcgan", "afv"])
+def test_gan_training_and_validation_steps_have_no_host_sync(design):
+    """The GAN's manual step (both losses, both backward passes, the zero-weight term that
+    reaches every parameter, the moving average) on ``meta``. The optimizers' own steps are
+    stand-ins: torch's Adam reads its step count on the host by design (a CPU tensor on a
+    GPU too, so no sync there), which the spy would report on ``meta``."""
+    from lightning_nfk.models import (
+        DCGANDiscriminator,
+        DCGANGenerator,
+        GANModule,
+        ResNetDiscriminator,
+        ResNetGenerator,
+    )
+
+    torch.manual_seed(0)
+    if design == "dcgan":
+        g, d = DCGANGenerator(latent_dim=8, width=8), DCGANDiscriminator(width=8)
+        m = GANModule(g, d, latent_dim=8)
+    else:  # spectral norm, least squares, the generator's moving average
+        g = ResNetGenerator(latent_dim=8, channels=1, width=8, image_size=28)
+        d = ResNetDiscriminator(channels=1, width=8, image_size=28)
+        m = GANModule(g, d, latent_dim=8, loss="lsgan", ema_decay=0.9)
+    m.to(META)
+    steps = []
+    stand_in = SimpleNamespace(zero_grad=lambda: None, step=lambda: steps.append(1))
+    m.optimizers = lambda: (stand_in, stand_in)
+    m.manual_backward = lambda loss: loss.backward()
+    m.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    m.log = m.log_dict = lambda *args, **kwargs: None
+    x = torch.zeros(4, 1, 28, 28, device=META)
+    with no_host_traffic():
+        m.training_step((x,), 0)
+        m.validation_step((x,), 0)
+    assert len(steps) == 2
+    assert all(p.grad is not None and p.grad.device == META for p in m.discriminator.parameters())
