@@ -182,15 +182,24 @@ def test_online_targets_have_no_host_sync():
 
 
 # -- the modules' training and validation steps, accuracy included ------------------------------
-@pytest.mark.parametrize("which", ["classifier", "kd-semi", "vae"])
+@pytest.mark.parametrize("which", ["classifier", "kd-semi", "vae", "lm"])
 def test_training_and_validation_steps_have_no_host_sync(which):
     """The steps as Lightning calls them, the accuracy's update included (torchmetrics'
     ``MulticlassAccuracy`` fails the semi case here: under ``ignore_index`` a boolean
     selection reads the labels on the host; on CUDA its argument check's ``unique`` and
     its ``bincount`` read them too, which the emulation does not show)."""
-    from lightning_nfk.models import ClassifierModule, ConvVAE, VAEModule
+    from lightning_nfk.models import GPT, CausalLMModule, ClassifierModule, ConvVAE, VAEModule
 
     torch.manual_seed(0)
+    if which == "lm":  # the masked token mean: its count clamped, not tested on the host
+        lm = CausalLMModule(GPT(vocab_size=16, context=8, dim=8, depth=1, heads=2)).to(META)
+        ids = torch.zeros(2, 8, dtype=torch.long, device=META)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # padded batches
+        with no_host_traffic():
+            loss = lm.training_step(batch, 0)
+            lm.validation_step(ids, 0)
+        assert loss.device == META and loss.shape == ()
+        return
     if which == "vae":  # the ELBO's noise drawn on the device, each rank's rows of one draw
         vae = VAEModule(ConvVAE(latent_dim=4, width=8)).to(META)
         x = torch.zeros(4, 1, 28, 28, device=META)
