@@ -143,8 +143,8 @@ def test_recipe_parses_as_is(recipe):
 
 
 # the paper's GAN at its width (a 5.9M-parameter discriminator) and the WRN-40-2 teacher
-# (62 s on the 2-core EPYC): a minute or more each on 2 CPU cores; the CIFAR-10 VAE (20 s,
-# its NFK's probe fits included); so with the slow tests (which CI runs too)
+# (62 s on the 2-core EPYC): a minute or more each on 2 CPU cores, and the CIFAR-10 VAE
+# (20 s): with the slow tests, which CI runs too
 SLOW_RECIPES = {"cifar10_gan", "cifar10_wrn40_2_teacher", "cifar10_vae"}
 
 
