@@ -5,7 +5,9 @@ checkpoints along training the library's linear probe on: GAN-NFK-k (the recipe'
 D's sigmoid, statistics from the averaged generator with batch statistics), D's pooled
 block features (AFV's baseline), D's last hidden layer, and the pixels. On the last
 checkpoint also: the logit instead of the sigmoid, the raw generator instead of its
-average, and running statistics instead of batch statistics.
+average, and running statistics instead of batch statistics. Each checkpoint's probes and
+each variant's are cached as they finish (``--cache``), so a run stopped after training
+resumes at the first probe it had not finished.
 
     python experiments/afv_trend.py --data-dir /usr/share/datasets/fashion-mnist
     python experiments/afv_trend.py --cifar-dir /work/cifar10 --dataset cifar10
@@ -84,12 +86,20 @@ def main() -> None:
     }
     trend: dict[str, dict[str, float]] = {}
     gan = None
+    # each checkpoint's probes and each final variant's are kept in the cache as they
+    # finish, so a run stopped on the way resumes where it was (the NFK fits take minutes)
+    tag = f"{name}-of{epochs}-n{fit_n}-{test_n}-k{k}-it{n_iter}"
     for at in probed:
         gan = common.shared_model(run, name, at, epochs=epochs, keep=checkpoints)
         # quick mode: fewer generator samples for the statistics (the recipe's 1,024 would
         # cost five times the fitting set's 200 examples)
         gan.nfk_num_samples = run.pick(100, gan.nfk_num_samples)
-        trend[str(at)] = rows(run, gan, fit, test, k, n_iter, nfk=at in nfk_at)
+        nfk = at in nfk_at
+        trend[str(at)] = common.remembered(
+            run,
+            f"{tag}-rows-e{at}{'-nfk' if nfk else ''}",
+            lambda gan=gan, nfk=nfk: rows(run, gan, fit, test, k, n_iter, nfk=nfk),
+        )
         run.log(f"epoch {at}", trend[str(at)])
     run.results["trend"] = trend
     assert gan is not None
@@ -102,8 +112,16 @@ def main() -> None:
         "raw G": GANEnergy(d, g, latent, num_samples=m, score="sigmoid", generator_mode="train"),
         "running statistics": GANEnergy(d, ema, latent, num_samples=m, score="sigmoid"),
     }
+    recipe_row = trend[str(last)].get(f"GAN-NFK-{k}d")  # the recipe's NFK, if fitted there
     run.results["final_variants"] = {
-        label: nfk_probe(run, energy, fit, test, k, n_iter) for label, energy in variants.items()
+        label: recipe_row
+        if i == 0 and recipe_row is not None
+        else common.remembered(
+            run,
+            f"{tag}-e{last}-variant{i}",
+            lambda energy=energy: nfk_probe(run, energy, fit, test, k, n_iter),
+        )
+        for i, (label, energy) in enumerate(variants.items())
     }
     run.log("final variants", run.results["final_variants"])
     plot(run, trend)

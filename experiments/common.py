@@ -290,6 +290,21 @@ def shared_model(
     return module.eval()
 
 
+def remembered(run: Run, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``'s JSON-able value, kept in ``run.cache`` under ``key``: a run stopped
+    on the way and started again skips what it had finished (the cache knows nothing of
+    code changes: clear it, or name another ``--cache``, after one)."""
+    path = run.cache / f"{key}.json"
+    if path.exists():
+        run.log(f"cached: {path.name}")
+        return json.loads(path.read_text())
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+    return value
+
+
 # -- features and probes ----------------------------------------------------------------------
 @torch.no_grad()
 def batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch: int = 500) -> Tensor:

@@ -84,6 +84,10 @@ def test_quick_run(name: str, out: Path) -> None:
         for row in trend.values():
             assert len(row) == 4 and all(10 < acc <= 100 for acc in row.values())
         assert len(r["final_variants"]) == 4
+        # run again: every probe comes from the cache (a stopped run resumes), the same
+        again = run_quick(name, out)
+        assert again["trend"] == trend and again["final_variants"] == r["final_variants"]
+        assert again["meta"]["wall_time_s"] < r["meta"]["wall_time_s"] / 3
     elif name == "inversion":
         t = r["table"]
         grey = t["test images: all pixels grey (0)"]
