@@ -464,6 +464,7 @@ def _ranks_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 17 s on the 2-core EPYC: with the slow tests, which CI runs too
 def test_ranks_refuse_together(tmp_path):
     run_two_gloo(_ranks_worker, tmp_path, 120, "the 2-process feature checks")
     zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

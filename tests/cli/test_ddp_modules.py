@@ -94,9 +94,10 @@ def repo_on_path(monkeypatch):
 @pytest.mark.parametrize(
     "case",
     [
-        "gan",
         # each a 2-process CLI run of 30-60 s: with the slow tests (CI runs them too), so
         # that the default run stays within its 10 minutes on the slower 2-core machines
+        # (the quickstart's classifier runs under ddp and torchrun in the default run)
+        pytest.param("gan", marks=pytest.mark.slow),
         pytest.param("afv-gan", marks=pytest.mark.slow),
         pytest.param("vae", marks=pytest.mark.slow),
         pytest.param("distill-kd", marks=pytest.mark.slow),

@@ -144,8 +144,16 @@ def test_recipe_parses_as_is(recipe):
 
 # the paper's GAN at its width (a 5.9M-parameter discriminator) and the WRN-40-2 teacher
 # (62 s on the 2-core EPYC): a minute or more each on 2 CPU cores, and the CIFAR-10 VAE
-# (20 s): with the slow tests, which CI runs too
-SLOW_RECIPES = {"cifar10_gan", "cifar10_wrn40_2_teacher", "cifar10_vae"}
+# (20 s) and the GPU recipes of the KD and student-alone WRN-16-1 (10 and 8 s; the
+# NFKD one and the Fashion-MNIST distillation recipes stay): with the slow tests, which
+# CI runs too
+SLOW_RECIPES = {
+    "cifar10_gan",
+    "cifar10_wrn40_2_teacher",
+    "cifar10_vae",
+    "cifar10_wrn16_1_kd",
+    "cifar10_wrn16_1_student",
+}
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,7 @@ def test_concurrent_runs_of_one_recipe_write_to_their_own_folders(tmp_path):
     assert (root / "version_2" / "metrics.csv").is_file()
 
 
+@pytest.mark.slow  # 15 s on the 2-core EPYC: with the slow tests, which CI runs too
 def test_test_with_no_checkpoint_is_an_error_not_an_untrained_accuracy(tmp_path):
     run = Run(["test", "--config", str(QUICKSTART), *SMALL, "--ckpt_path", "last"], tmp_path)
     assert run.wait(120) != 0
@@ -164,6 +165,7 @@ def test_one_of_many_concurrent_resumes_gets_the_lock(tmp_path):
     lock_run(run)  # and the next resume takes it
 
 
+@pytest.mark.slow  # 22 s on the 2-core EPYC: with the slow tests, which CI runs too
 def test_a_resumed_run_keeps_its_metrics(tmp_path, monkeypatch):
     """Lightning's CSV logger deletes the metrics.csv it finds in its folder: a resumed run
     lost every epoch logged before the interruption."""

@@ -18,13 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # The longer quick runs run with the slow tests, which CI runs too (.ci/run): the three
 # longest (2-4 minutes together), and vae_kernel, inversion, lowrank (45 s) and
-# components (30 s), moved there when the default run passed 10 minutes on a 2-core AMD
-# EPYC. The default run keeps one, accuracy's.
+# components (30 s) and accuracy (29 s), moved there when the default run passed 10
+# minutes on a 2-core AMD EPYC: every quick run is a slow test.
 SLOW = pytest.mark.slow
 SCRIPTS = [
     pytest.param("components", marks=SLOW),
     pytest.param("lowrank", marks=SLOW),
-    "accuracy",
+    pytest.param("accuracy", marks=SLOW),
     pytest.param("vae_kernel", marks=SLOW),
     pytest.param("inversion", marks=SLOW),
     pytest.param("linear_eval", marks=SLOW),
