@@ -503,7 +503,7 @@ def machine(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes, about a minute on 2 CPU cores"
+        "--quick", action="store_true", help="small sizes, a minute or two on 2 CPU cores"
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(

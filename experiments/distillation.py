@@ -2,7 +2,7 @@
 (nfkd, kd, none) over several seeds, and a low-label row; every run is the recipes' own
 ``lightning-nfk fit`` / ``lightning-nfk test`` with command-line overrides.
 
-    python ../shared/data/cifar10_to_folders.py /work/cifar10     # CIFAR-10 (JPEG copy)
+    # /work/cifar10: a CIFAR-10 image-folder tree, {train,test}/<class>/*.jpg
     python experiments/distillation.py --data-dir /work/cifar10 --out /work/exp/distill
     python experiments/distillation.py --data-dir /work/cifar10 --out /tmp/q --quick
 
