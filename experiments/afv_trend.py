@@ -3,7 +3,8 @@ residual GAN (``recipes/fashion_mnist_afv_gan.yaml``: spectral norm, least squar
 moving average of the generator, AFV's optimisers) trained on this CPU, and at several
 checkpoints along training the library's linear probe on: GAN-NFK-k (the recipe's NFK:
 D's sigmoid, statistics from the averaged generator with batch statistics), D's pooled
-block features (AFV's baseline), D's last hidden layer, and the pixels. On the last
+block features (AFV's baseline), D's final ReLU map (unpooled) and its spatial mean (the
+input of the logit layer), and the pixels. On the last
 checkpoint also: the logit instead of the sigmoid, the raw generator instead of its
 average, and running statistics instead of batch statistics. Each checkpoint's probes and
 each variant's are cached as they finish (``--cache``), so a run stopped after training
@@ -105,12 +106,13 @@ def main() -> None:
     assert gan is not None
     d, g = gan.discriminator, gan.generator
     ema = gan.generator_ema if gan.generator_ema is not None else g
-    latent, m = gan.latent_dim, gan.nfk_num_samples
+    # the recipe's energy with one setting changed (its samples drawn in the same batches)
+    same = {"num_samples": gan.nfk_num_samples, "batch_size": gan.nfk_batch_size}
     variants = {
         "recipe (sigmoid, averaged G, batch statistics)": gan.nfk_energy(),
-        "logit": GANEnergy(d, ema, latent, num_samples=m, generator_mode="train"),
-        "raw G": GANEnergy(d, g, latent, num_samples=m, score="sigmoid", generator_mode="train"),
-        "running statistics": GANEnergy(d, ema, latent, num_samples=m, score="sigmoid"),
+        "logit": GANEnergy(d, ema, gan.latent_dim, generator_mode="train", **same),
+        "raw G": GANEnergy(d, g, gan.latent_dim, score="sigmoid", generator_mode="train", **same),
+        "running statistics": GANEnergy(d, ema, gan.latent_dim, score="sigmoid", **same),
     }
     recipe_row = trend[str(last)].get(f"GAN-NFK-{k}d")  # the recipe's NFK, if fitted there
     run.results["final_variants"] = {
@@ -138,11 +140,22 @@ def rows(run: common.Run, gan: Any, fit, test, k: int, n_iter: int, *, nfk: bool
     pooled = {
         s: common.batched(d.pooled_features, x) for s, (x, _) in (("fit", fit), ("test", test))
     }
-    hidden = {s: common.activations(d, d.relu, x) for s, (x, _) in (("fit", fit), ("test", test))}
+    # the final ReLU's map (width x 7 x 7 on Fashion-MNIST) and its spatial mean, the
+    # logit layer's input (width)
+    relu = {s: common.activations(d, d.relu, x) for s, (x, _) in (("fit", fit), ("test", test))}
+    width = d.out.in_features
+    logit_in = {s: f.reshape(len(f), width, -1).mean(2) for s, f in relu.items()}
     out = {f"GAN-NFK-{k}d": nfk_probe(run, gan.nfk_energy(), fit, test, k, n_iter)} if nfk else {}
     return out | {
-        "pooled blocks": common.probe((pooled["fit"], fit[1]), (pooled["test"], test[1])),
-        "last hidden layer": common.probe((hidden["fit"], fit[1]), (hidden["test"], test[1])),
+        f"pooled blocks ({pooled['fit'].shape[1]}-d)": common.probe(
+            (pooled["fit"], fit[1]), (pooled["test"], test[1])
+        ),
+        f"final ReLU map ({relu['fit'].shape[1]}-d)": common.probe(
+            (relu["fit"], fit[1]), (relu["test"], test[1])
+        ),
+        f"logit input ({width}-d)": common.probe(
+            (logit_in["fit"], fit[1]), (logit_in["test"], test[1])
+        ),
         "pixels": common.probe((fit[0].flatten(1), fit[1]), (test[0].flatten(1), test[1])),
     }
 

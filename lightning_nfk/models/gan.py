@@ -26,8 +26,14 @@ def _adam_gan(params) -> torch.optim.Optimizer:
 GANLoss = Literal["nonsaturating", "lsgan", "hinge"]
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def discriminator_loss(loss: GANLoss, real: Tensor, fake: Tensor) -> Tensor:
-    """The discriminator's loss from its logits on real and generated images."""
+    """The discriminator's loss from its logits on real and generated images, computed in
+    float32 at least (under bfloat16 autocast a sigmoid near 1 keeps about 2 digits)."""
+    real, fake = _at_least_float32(real), _at_least_float32(fake)
     if loss == "lsgan":  # on the sigmoid, as AFV's discriminator outputs it
         return (torch.sigmoid(real) - 1).square().mean() + torch.sigmoid(fake).square().mean()
     if loss == "hinge":
@@ -36,7 +42,9 @@ def discriminator_loss(loss: GANLoss, real: Tensor, fake: Tensor) -> Tensor:
 
 
 def generator_loss(loss: GANLoss, fake: Tensor) -> Tensor:
-    """The generator's loss from the discriminator's logits on its images."""
+    """The generator's loss from the discriminator's logits on its images (float32 at
+    least, as :func:`discriminator_loss`)."""
+    fake = _at_least_float32(fake)
     if loss == "lsgan":
         return (torch.sigmoid(fake) - 1).square().mean()
     if loss == "hinge":

@@ -82,7 +82,7 @@ def test_quick_run(name: str, out: Path) -> None:
         trend = r["trend"]
         assert list(trend) == [str(e) for e in r["setting"]["checkpoints"]]
         for row in trend.values():
-            assert len(row) == 4 and all(10 < acc <= 100 for acc in row.values())
+            assert len(row) == 5 and all(10 < acc <= 100 for acc in row.values())
         assert len(r["final_variants"]) == 4
         # run again: every probe comes from the cache (a stopped run resumes), the same
         again = run_quick(name, out)

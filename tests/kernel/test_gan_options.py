@@ -117,3 +117,73 @@ def test_the_afv_discriminator_has_the_papers_size():
     assert d(x).shape == (2,) and d.pooled_features(x).shape == (2, 4 * 256)
     g = ResNetGenerator(latent_dim=8, channels=3, width=8, image_size=32)
     assert g(torch.randn(2, 8)).shape == (2, 3, 32, 32)
+
+
+class _AFVConv(torch.nn.Module):  # AFV's ConvD, its spectral norm folded into the weight
+    def __init__(self, sn_conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(
+            sn_conv.in_channels, sn_conv.out_channels, sn_conv.kernel_size, 1, sn_conv.padding
+        ).double()
+        with torch.no_grad():
+            self.conv.weight.copy_(sn_conv.weight)  # the normalised weight (eval mode)
+            self.conv.bias.copy_(sn_conv.bias)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _AFVBlock(torch.nn.Module):
+    """apple/ml-afv's ``ResBlockDpre`` as written there (its ReLUs in place), with the
+    weights of one of our blocks."""
+
+    def __init__(self, ours, down: bool, first: bool) -> None:
+        super().__init__()
+        pool = torch.nn.AvgPool2d(2) if down else torch.nn.Sequential()
+        first_relu = torch.nn.Sequential() if first else torch.nn.ReLU(True)
+        self.conv = torch.nn.Sequential(
+            first_relu,
+            _AFVConv(ours.conv[0]),
+            torch.nn.ReLU(True),
+            _AFVConv(ours.conv[2]),
+            pool,
+        )
+        self.shortcut = torch.nn.Sequential(_AFVConv(ours.shortcut[0]), pool)
+
+    def forward(self, x):
+        return self.conv(x) + self.shortcut(x)
+
+
+def test_the_discriminator_computes_afvs_function():
+    """AFV's blocks' leading ReLU is in place and runs before the shortcut reads its input,
+    so its shortcut sees ReLU(x): the same logit and pooled features as AFV's
+    ``Discriminator32`` (``forward`` before its sigmoid, ``get_pool``) with our weights."""
+    torch.manual_seed(0)
+    d = ResNetDiscriminator(channels=3, width=8, image_size=32).double()
+    d.train()
+    for _ in range(3):  # move spectral norm's vectors off their init
+        d(torch.randn(4, 3, 32, 32, dtype=torch.float64))
+    d.eval()
+    blocks = torch.nn.ModuleList(
+        _AFVBlock(b, down=i < 2, first=i == 0) for i, b in enumerate(d.blocks)
+    )
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+
+    def afv_logit(x):
+        for block in blocks:
+            x = block(x)
+        pooled = torch.nn.AvgPool2d(8)(torch.nn.ReLU(True)(x)).flatten(1)
+        return torch.nn.functional.linear(pooled, d.out.weight, d.out.bias)[:, 0]
+
+    def afv_get_pool(x):
+        outs = []
+        for block in blocks:
+            x = block(x)
+            outs.append(x.mean(dim=-1).mean(dim=-1))
+        return torch.cat(outs, dim=1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(d(x), afv_logit(x.clone()), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            d.pooled_features(x), afv_get_pool(x.clone()), rtol=1e-12, atol=1e-12
+        )

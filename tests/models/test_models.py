@@ -221,6 +221,22 @@ def test_gan_losses_against_their_formulas():
         assert generator_loss(loss, fake).item() == pytest.approx(expected_g[loss], abs=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["nonsaturating", "lsgan", "hinge"])
+def test_gan_losses_of_bfloat16_logits_are_float32(loss):
+    """Under bfloat16 autocast the discriminator's logits come out in bfloat16; the losses
+    compute in float32 (a sigmoid near 1 keeps about 2 digits in bfloat16)."""
+    torch.manual_seed(0)
+    real = (torch.randn(64) + 4).bfloat16().requires_grad_()  # confident: sigmoid near 1
+    fake = (torch.randn(64) - 4).bfloat16().requires_grad_()
+    d, g = discriminator_loss(loss, real, fake), generator_loss(loss, fake)
+    assert d.dtype == g.dtype == torch.float32
+    r64, f64 = real.detach().double(), fake.detach().double()
+    torch.testing.assert_close(d.double(), discriminator_loss(loss, r64, f64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(g.double(), generator_loss(loss, f64), rtol=1e-6, atol=0)
+    (d + g).backward()  # the gradient reaches the bfloat16 logits in their own dtype
+    assert real.grad.dtype == fake.grad.dtype == torch.bfloat16
+
+
 class _RecordGenerator(pl.Callback):
     def __init__(self) -> None:
         self.states: list[list[torch.Tensor]] = []

@@ -35,21 +35,23 @@ def _sn_conv(c_in: int, c_out: int, kernel: int = 3) -> nn.Module:
 
 
 class _DownBlock(nn.Module):
-    """AFV's ``ResBlockDpre``: [ReLU] conv3 ReLU conv3 [avgpool] + conv3 [avgpool]."""
+    """AFV's ``ResBlockDpre``: [ReLU], then conv3 ReLU conv3 [avgpool] + conv3 [avgpool].
+
+    The leading ReLU (all blocks but the first) feeds *both* branches. In AFV's code it is
+    in place (``nn.ReLU(True)``) at the head of the residual branch, which runs before the
+    shortcut reads the same tensor, so AFV's shortcut sees the ReLU's output too: the
+    function its trained models compute, and the one written out here.
+    """
 
     def __init__(self, c_in: int, c_out: int, down: bool, first: bool) -> None:
         super().__init__()
         pool: nn.Module = nn.AvgPool2d(2) if down else nn.Identity()
-        self.conv = nn.Sequential(
-            nn.Identity() if first else nn.ReLU(),
-            _sn_conv(c_in, c_out),
-            nn.ReLU(),
-            _sn_conv(c_out, c_out),
-            pool,
-        )
+        self.relu: nn.Module = nn.Identity() if first else nn.ReLU()
+        self.conv = nn.Sequential(_sn_conv(c_in, c_out), nn.ReLU(), _sn_conv(c_out, c_out), pool)
         self.shortcut = nn.Sequential(_sn_conv(c_in, c_out), pool)
 
     def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(x)
         return self.conv(x) + self.shortcut(x)
 
 
