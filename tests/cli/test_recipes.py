@@ -186,3 +186,25 @@ def test_console_entry_points():
         check=True,
     )
     assert "fit" in out.stdout and "validate" in out.stdout and "test" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["cifar10_gan", "fashion_mnist_afv_gan", "cifar10_afv_gan_cpu"])
+def test_the_afv_recipes_keep_afvs_settings(name):
+    """What makes the AFV recipes AFV's, beyond the networks: the NFK's statistics from
+    1,024 samples drawn in one batch with batch statistics (a sample depends on its batch),
+    D's sigmoid, least squares, every training image; the GPU recipe in float32 with the
+    paper's 128 components."""
+    config = yaml.safe_load((RECIPES[0].parent / f"{name}.yaml").read_text())
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert model["nfk_num_samples"] == 1024 <= model["nfk_batch_size"]
+    assert (model["nfk_generator_mode"], model["nfk_score"]) == ("train", "sigmoid")
+    assert model["loss"] == "lsgan" and model["ema_decay"] == 0.9
+    assert data["val_size"] == 0 and data["batch_size"] == 64
+    if name == "cifar10_gan":
+        assert config["trainer"]["precision"] == "32-true"
+        (spectrum,) = [
+            cb
+            for cb in config["trainer"]["callbacks"]
+            if cb["class_path"].endswith("NFKSpectrumCallback")
+        ]
+        assert spectrum["init_args"]["k"] == 128

@@ -83,6 +83,9 @@ def test_quick_run(name: str, out: Path) -> None:
         assert list(trend) == [str(e) for e in r["setting"]["checkpoints"]]
         for row in trend.values():
             assert len(row) == 5 and all(10 < acc <= 100 for acc in row.values())
+            # the features and their sizes (the recipe's width 64, a 7 x 7 final map)
+            sizes = {"pooled blocks (256-d)", "final ReLU map (3136-d)", "logit input (64-d)"}
+            assert sizes < set(row)
         assert len(r["final_variants"]) == 4
         # run again: every probe comes from the cache (a stopped run resumes), the same
         again = run_quick(name, out)

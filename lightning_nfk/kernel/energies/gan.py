@@ -32,7 +32,8 @@ class GANEnergy(Energy):
 
     Args:
         discriminator: maps images ``(B, C, H, W)`` to logits ``(B,)`` or ``(B, 1)``.
-        generator: maps latents ``(n, ...)`` to images; run in eval mode without gradients.
+        generator: maps latents ``(n, ...)`` to images; run without gradients, in eval
+            mode unless ``generator_mode="train"``.
         latent_dim: size of a standard normal latent ``(n, latent_dim)``; give either this
             or ``latent_sampler``.
         latent_sampler: ``f(n, torch_generator) -> latents`` drawn on the CPU with the given
