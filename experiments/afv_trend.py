@@ -137,26 +137,23 @@ def nfk_probe(run: common.Run, energy: GANEnergy, fit, test, k: int, n_iter: int
 
 def rows(run: common.Run, gan: Any, fit, test, k: int, n_iter: int, *, nfk: bool) -> dict:
     d = gan.discriminator
-    pooled = {
-        s: common.batched(d.pooled_features, x) for s, (x, _) in (("fit", fit), ("test", test))
-    }
+    splits = {"fit": fit[0], "test": test[0]}
+    pooled = {s: common.batched(d.pooled_features, x) for s, x in splits.items()}
     # the final ReLU's map (width x 7 x 7 on Fashion-MNIST) and its spatial mean, the
     # logit layer's input (width)
-    relu = {s: common.activations(d, d.relu, x) for s, (x, _) in (("fit", fit), ("test", test))}
+    relu = {s: common.activations(d, d.relu, x) for s, x in splits.items()}
     width = d.out.in_features
-    logit_in = {s: f.reshape(len(f), width, -1).mean(2) for s, f in relu.items()}
+    features = {
+        f"pooled blocks ({pooled['fit'].shape[1]}-d)": pooled,
+        f"final ReLU map ({relu['fit'].shape[1]}-d)": relu,
+        f"logit input ({width}-d)": {
+            s: f.reshape(len(f), width, -1).mean(2) for s, f in relu.items()
+        },
+        "pixels": {s: x.flatten(1) for s, x in splits.items()},
+    }
     out = {f"GAN-NFK-{k}d": nfk_probe(run, gan.nfk_energy(), fit, test, k, n_iter)} if nfk else {}
     return out | {
-        f"pooled blocks ({pooled['fit'].shape[1]}-d)": common.probe(
-            (pooled["fit"], fit[1]), (pooled["test"], test[1])
-        ),
-        f"final ReLU map ({relu['fit'].shape[1]}-d)": common.probe(
-            (relu["fit"], fit[1]), (relu["test"], test[1])
-        ),
-        f"logit input ({width}-d)": common.probe(
-            (logit_in["fit"], fit[1]), (logit_in["test"], test[1])
-        ),
-        "pixels": common.probe((fit[0].flatten(1), fit[1]), (test[0].flatten(1), test[1])),
+        name: common.probe((f["fit"], fit[1]), (f["test"], test[1])) for name, f in features.items()
     }
 
 
