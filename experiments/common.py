@@ -235,14 +235,34 @@ def tensors(
     return ds.tensors(torch.randperm(len(ds), generator=g)[:n].sort().values)
 
 
-class _SaveAt(pl.Callback):
-    def __init__(self, epochs: Sequence[int], path: Callable[[int], Path]) -> None:
-        self.epochs, self.path = set(epochs), path
+# a run killed while training (a stopped session, a reboot) loses at most this many steps
+RESUME_EVERY = 100
+
+
+class _Checkpoints(pl.Callback):
+    """Saves the weights after each epoch in ``epochs`` (the cache) and, every
+    :data:`RESUME_EVERY` batches and at each epoch's end, a full checkpoint (optimisers,
+    loops) that the next call resumes from."""
+
+    def __init__(self, epochs: Sequence[int], path: Callable[[int], Path], resume: Path) -> None:
+        self.epochs, self.path, self.resume = set(epochs), path, resume
+
+    def _save_resume(self, trainer: pl.Trainer) -> None:
+        tmp = self.resume.with_suffix(".tmp")
+        trainer.save_checkpoint(tmp)
+        tmp.replace(self.resume)  # a kill while writing leaves the previous one whole
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % RESUME_EVERY == 0:
+            self._save_resume(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         e = trainer.current_epoch + 1
         if e in self.epochs:
             torch.save(pl_module.state_dict(), self.path(e))
+        self._save_resume(trainer)  # after the weights: the epoch is on disk before it counts
 
 
 def _cache_path(run: Run, name: str, at: int, epochs: int) -> Path:
@@ -265,7 +285,8 @@ def shared_model(
     """The shared model ``name`` (see :func:`model_spec`), trained by its recipe's trainer
     for ``epochs`` (default: the spec's), after ``at`` epochs (default: all; 0: at
     initialisation), in eval mode. Epoch 1, the last and every epoch in ``keep`` are cached
-    on the way, so later calls load instead of training."""
+    on the way, so later calls load instead of training; a training stopped on the way
+    resumes from its last full checkpoint (at most :data:`RESUME_EVERY` steps back)."""
     spec = model_spec(run, name)
     epochs = spec["epochs"] if epochs is None else epochs
     at = epochs if at is None else at
@@ -280,12 +301,23 @@ def shared_model(
     if at == 0:
         return module.eval()
     if not path(at).exists():
-        run.log(f"training {name} ({spec['recipe']}) for {epochs} epochs")
+        resume = run.cache / f"{name}-of{epochs}-resume.ckpt"
+        ckpt = resume if resume.exists() else None
+        if ckpt is None:
+            run.log(f"training {name} ({spec['recipe']}) for {epochs} epochs")
+        else:
+            # the optimisers and loops continue where they were; the data order after the
+            # resume is a fresh shuffle (the loaders keep no state), the steps are the same
+            step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+            run.log(f"resuming {name} ({spec['recipe']}) at optimiser step {step} of {ckpt}")
+            run.results.setdefault("resumed_at_step", {})[name] = step
         t = time.time()
-        recipe.trainer.callbacks.append(_SaveAt({1, epochs, *keep}, path))
-        recipe.trainer.fit(module, datamodule=recipe.datamodule)
+        recipe.trainer.callbacks.append(_Checkpoints({1, epochs, *keep}, path, resume))
+        recipe.trainer.fit(module, datamodule=recipe.datamodule, ckpt_path=ckpt)
         run.log(f"trained {name} in {time.time() - t:.0f} s")
+        # with a resume: this process's part of the training
         run.results.setdefault("training_s", {})[name] = round(time.time() - t, 1)
+        resume.unlink(missing_ok=True)
     module.load_state_dict(torch.load(path(at), weights_only=True))
     return module.eval()
 

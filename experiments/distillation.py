@@ -11,8 +11,8 @@ alpha0.9 mse cosine raw n_iter10``, each at ``--sweep-seeds``); the label budget
 every training image (``train_split=semi``) has its own epochs (``--semi-epochs``).
 
 Writes ``OUT/results.json`` (every run: mode, seed, test accuracy, wall time, command)
-after each run, so an interrupted experiment keeps what finished, and skips runs whose
-result is already there; then ``OUT/summary.json`` (per row: mean, sd, seeds, minutes;
+after each run, so an interrupted experiment keeps what finished, skips runs whose
+result is already there and continues a stopped fit from its ``last.ckpt``; then ``OUT/summary.json`` (per row: mean, sd, seeds, minutes;
 commit, machine) and ``OUT/distillation.png``. ``--quick``: a 500-image subset, a WRN-10-1
 teacher, 1 epoch, n_iter 1 (2 for ``n_iter10``): minutes.
 """
@@ -175,8 +175,9 @@ def main() -> None:
     # the teacher recipe's folder: `teacher_checkpoint` reads its newest run's last.ckpt
     teacher_ckpt = teacher_dir / "lightning_logs/cifar10_wrn40_2_teacher"
     if "teacher" not in results:
-        trained = latest_checkpoint(teacher_ckpt) is not None
-        seconds = 0.0 if trained else cli(teacher_dir, ["fit", *teacher_args], log)
+        # a fit stopped on the way (or finished) continues from its last.ckpt
+        resumed = latest_checkpoint(teacher_ckpt) is not None
+        seconds = cli(teacher_dir, ["fit", *teacher_args, "--ckpt_path=last"], log)
         cli(teacher_dir, ["test", *teacher_args, "--ckpt_path=last"], log)
         m = metrics(teacher_dir, "cifar10_wrn40_2_teacher")
         record(
@@ -185,6 +186,7 @@ def main() -> None:
                 "net": f"WRN-{a.teacher_depth}-{a.teacher_width}",
                 "test_acc": m["test/acc"],
                 "seconds": seconds,
+                "resumed": resumed,  # seconds: this process's part only
                 "command": "lightning-nfk fit " + " ".join(teacher_args),
             },
         )
@@ -222,7 +224,8 @@ def main() -> None:
             cache = out / f"nfk_cache_k20_n{n_iter}.pt"  # one per n_iter, shared by seeds
             args += [f"--model.nfk_cache={cache}", f"--model.n_iter={n_iter}"]
         args += a.extra if mode == "nfkd" else []
-        seconds = cli(run_dir, ["fit", *args], log)
+        resumed = latest_checkpoint(run_dir / "lightning_logs" / f"cifar10_wrn16_1_{mode}")
+        seconds = cli(run_dir, ["fit", *args, "--ckpt_path=last"], log)
         cli(run_dir, ["test", *args, "--ckpt_path=last"], log)
         m = metrics(run_dir, f"cifar10_wrn16_1_{mode}")
         record(
@@ -235,6 +238,7 @@ def main() -> None:
                 "target_r2": m.get("nfkd/target_r2"),
                 "target_cos": m.get("nfkd/target_cos"),
                 "seconds": seconds,
+                "resumed": resumed is not None,  # seconds: this process's part only
                 "command": "lightning-nfk fit " + " ".join(args),
             },
         )
