@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lightning_nfk.callbacks import layer_outputs
 from lightning_nfk.cli import Recipe, load_recipe
-from lightning_nfk.data import ImageDataModule, balanced_label_indices
+from lightning_nfk.data import EpochSeededSampler, ImageDataModule, balanced_label_indices
 from lightning_nfk.kernel import LowRankNFK, select_and_fit
 from lightning_nfk.models import VAEModule
 
@@ -235,34 +235,68 @@ def tensors(
     return ds.tensors(torch.randperm(len(ds), generator=g)[:n].sort().values)
 
 
-# a run killed while training (a stopped session, a reboot) loses at most this many steps
+# a training resumes from its last checkpoint, taken every this many batches of an epoch: a
+# run killed on the way (a stopped session, a reboot) loses fewer than twice as many
 RESUME_EVERY = 100
+
+
+def _save_atomic(save: Callable[[Path], None], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save(tmp)
+    tmp.replace(path)  # a kill while writing leaves no file, or the previous one, whole
 
 
 class _Checkpoints(pl.Callback):
     """Saves the weights after each epoch in ``epochs`` (the cache) and, every
-    :data:`RESUME_EVERY` batches and at each epoch's end, a full checkpoint (optimisers,
-    loops) that the next call resumes from."""
+    :data:`RESUME_EVERY` batches within an epoch, a full checkpoint that the next call
+    resumes from: optimisers, loops, the global random state and the batches done, so that
+    the resumed training continues the epoch's data order
+    (:meth:`EpochSeededSampler.skip_once`) and random draws where they were and computes
+    what the uninterrupted one would have (with loaders that draw nothing at random, as the
+    shared models' do; an augmenting one would draw its batches' crops anew).
+
+    Within an epoch only: between two batches nothing else draws, so the random state
+    saved is the one the next batch starts from. Around an epoch's end the loader starts
+    a new pass, which draws its seed from the global state (one draw that a resume cannot
+    place), and Lightning counts a resume from the last batch as the epoch done without
+    its epoch-end hooks."""
 
     def __init__(self, epochs: Sequence[int], path: Callable[[int], Path], resume: Path) -> None:
         self.epochs, self.path, self.resume = set(epochs), path, resume
+        self.batches_done, self.restored = 0, None
 
-    def _save_resume(self, trainer: pl.Trainer) -> None:
-        tmp = self.resume.with_suffix(".tmp")
-        trainer.save_checkpoint(tmp)
-        tmp.replace(self.resume)  # a kill while writing leaves the previous one whole
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": torch.get_rng_state(), "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restored = state
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.restored is not None:  # before the loader's first batch: its order
+            loader = trainer.train_dataloader
+            if not isinstance(loader.sampler, EpochSeededSampler):
+                raise RuntimeError(f"resuming needs an EpochSeededSampler, got {loader.sampler}")
+            loader.sampler.skip_once(self.restored["batches_done"] * loader.batch_size)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.restored is not None:  # the loader has drawn its seed: the batch's draws
+            torch.set_rng_state(self.restored["rng"])
+            self.restored = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if (batch_idx + 1) % RESUME_EVERY == 0:
-            self._save_resume(trainer)
+        self.batches_done = batch_idx + 1
+        if (
+            self.batches_done % RESUME_EVERY == 0
+            and self.batches_done < trainer.num_training_batches
+        ):
+            _save_atomic(trainer.save_checkpoint, self.resume)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         e = trainer.current_epoch + 1
         if e in self.epochs:
-            torch.save(pl_module.state_dict(), self.path(e))
-        self._save_resume(trainer)  # after the weights: the epoch is on disk before it counts
+            _save_atomic(lambda f: torch.save(pl_module.state_dict(), f), self.path(e))
 
 
 def _cache_path(run: Run, name: str, at: int, epochs: int) -> Path:
@@ -286,7 +320,8 @@ def shared_model(
     for ``epochs`` (default: the spec's), after ``at`` epochs (default: all; 0: at
     initialisation), in eval mode. Epoch 1, the last and every epoch in ``keep`` are cached
     on the way, so later calls load instead of training; a training stopped on the way
-    resumes from its last full checkpoint (at most :data:`RESUME_EVERY` steps back)."""
+    resumes from its last full checkpoint (at most :data:`RESUME_EVERY` batches back) and
+    computes what the uninterrupted one would have."""
     spec = model_spec(run, name)
     epochs = spec["epochs"] if epochs is None else epochs
     at = epochs if at is None else at
@@ -306,8 +341,6 @@ def shared_model(
         if ckpt is None:
             run.log(f"training {name} ({spec['recipe']}) for {epochs} epochs")
         else:
-            # the optimisers and loops continue where they were; the data order after the
-            # resume is a fresh shuffle (the loaders keep no state), the steps are the same
             step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
             run.log(f"resuming {name} ({spec['recipe']}) at optimiser step {step} of {ckpt}")
             run.results.setdefault("resumed_at_step", {})[name] = step

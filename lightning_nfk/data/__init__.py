@@ -3,6 +3,7 @@
 from lightning_nfk.data.idx import read_idx
 from lightning_nfk.data.image_datamodule import (
     UNLABELED,
+    EpochSeededSampler,
     ImageDataModule,
     ImageTensorDataset,
     balanced_label_indices,
@@ -14,6 +15,7 @@ from lightning_nfk.data.torchvision_sets import CIFAR10DataModule, SVHNDataModul
 __all__ = [
     "UNLABELED",
     "CIFAR10DataModule",
+    "EpochSeededSampler",
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageTensorDataset",

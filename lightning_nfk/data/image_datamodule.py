@@ -90,21 +90,37 @@ UNLABELED = -1
 
 class EpochSeededSampler(RandomSampler):
     """A random order drawn from ``(seed, epoch)`` alone: Lightning calls ``set_epoch`` at
-    each epoch start, so a run resumed from a checkpoint sees the same batches as an
-    uninterrupted one (a loader's own generator would restart its stream). Under DDP,
+    each epoch start, so a run resumed from an epoch's end sees the same batches as an
+    uninterrupted one (a loader's own generator would restart its stream; from within an
+    epoch, see :meth:`skip_once`). Under DDP,
     Lightning replaces it by a ``DistributedSampler(shuffle=True)``, which also draws its
     order from a seed (``seed_everything``'s) and the epoch."""
 
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)  # type: ignore[arg-type]
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self._skip = seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip_once(self, n: int) -> None:
+        """The next pass over the epoch's order leaves out its first ``n`` indices: a
+        training resumed from a checkpoint taken after ``b`` batches of an epoch passes
+        ``n = b * batch_size`` and continues that epoch's order where it stopped (Lightning
+        only counts the batches done; a plain loader would start the epoch again).
+
+        Raises:
+            ValueError: if ``n`` is negative.
+        """
+        if n < 0:
+            raise ValueError(f"`n` must be >= 0, got {n}")
+        self._skip = n
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=g, device="cpu").tolist()
+        order = torch.randperm(len(self.data_source), generator=g, device="cpu").tolist()
+        skip, self._skip = self._skip, 0
+        yield from order[skip:]
 
 
 def balanced_label_indices(labels: Tensor, num_labels: int, seed: int) -> Tensor:

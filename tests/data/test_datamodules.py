@@ -178,3 +178,19 @@ def test_cifar10_and_svhn_layouts(tmp_path, monkeypatch):
     svhn = SVHNDataModule(data_dir=str(tmp_path), val_size=10, num_labels=20)
     assert svhn.dataset("train")[0][0].shape == (3, 32, 32)
     assert torch.bincount(svhn.labeled_dataset.labels).tolist() == [2] * 10
+
+
+def test_epoch_seeded_sampler_skips_once_into_the_epochs_order():
+    from lightning_nfk.data import EpochSeededSampler
+
+    sampler = EpochSeededSampler(range(50), seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    sampler.skip_once(20)  # a resume after 20 of the epoch's indices: the rest, in order
+    assert list(sampler) == order[20:]
+    assert list(sampler) == order  # once only
+    sampler.set_epoch(3)
+    assert list(sampler) != order  # another epoch, another order
+    with pytest.raises(ValueError, match=r"`n` must be >= 0, got -1"):
+        sampler.skip_once(-1)
