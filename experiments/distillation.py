@@ -12,8 +12,9 @@ every training image (``train_split=semi``) has its own epochs (``--semi-epochs`
 
 Writes ``OUT/results.json`` (every run: mode, seed, test accuracy, wall time, command)
 after each run, so an interrupted experiment keeps what finished, skips runs whose
-result is already there and continues a stopped fit from its ``last.ckpt``; then ``OUT/summary.json`` (per row: mean, sd, seeds, minutes;
-commit, machine) and ``OUT/distillation.png``. ``--quick``: a 500-image subset, a WRN-10-1
+result is already there and continues a stopped fit from its ``last.ckpt``; then
+``OUT/summary.json`` (per row: mean, sd, seeds, minutes; commit, machine) and
+``OUT/distillation.png``. ``--quick``: a 500-image subset, a WRN-10-1
 teacher, 1 epoch, n_iter 1 (2 for ``n_iter10``): minutes.
 """
 
