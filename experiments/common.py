@@ -243,7 +243,23 @@ RESUME_EVERY = 100
 def _save_atomic(save: Callable[[Path], None], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before it replaces the previous one (a reboot)
     tmp.replace(path)  # a kill while writing leaves no file, or the previous one, whole
+
+
+def _resumable(run: Run, resume: Path, at: int) -> dict[str, Any] | None:
+    """The checkpoint at ``resume`` if training can continue from it to epoch ``at``'s
+    weights (it was taken before that epoch ended, by this code); else None, and it is
+    deleted."""
+    if not resume.exists():
+        return None
+    ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    if ckpt["epoch"] < at and _Checkpoints.__qualname__ in ckpt.get("callbacks", {}):
+        return ckpt
+    run.log(f"not resuming from {resume} (epoch {ckpt['epoch']}, to reach {at}): removed")
+    resume.unlink()
+    return None
 
 
 class _Checkpoints(pl.Callback):
@@ -252,8 +268,9 @@ class _Checkpoints(pl.Callback):
     resumes from: optimisers, loops, the global random state and the batches done, so that
     the resumed training continues the epoch's data order
     (:meth:`EpochSeededSampler.skip_once`) and random draws where they were and computes
-    what the uninterrupted one would have (with loaders that draw nothing at random, as the
-    shared models' do; an augmenting one would draw its batches' crops anew).
+    what the uninterrupted one would have, up to float rounding: on the CPU's global
+    generator, with loaders that draw nothing at random and have no workers, as the shared
+    models' (an augmenting one would draw its batches' crops anew).
 
     Within an epoch only: between two batches nothing else draws, so the random state
     saved is the one the next batch starts from. Around an epoch's end the loader starts
@@ -320,8 +337,8 @@ def shared_model(
     for ``epochs`` (default: the spec's), after ``at`` epochs (default: all; 0: at
     initialisation), in eval mode. Epoch 1, the last and every epoch in ``keep`` are cached
     on the way, so later calls load instead of training; a training stopped on the way
-    resumes from its last full checkpoint (at most :data:`RESUME_EVERY` batches back) and
-    computes what the uninterrupted one would have."""
+    resumes from its last full checkpoint (fewer than 2 * :data:`RESUME_EVERY` batches
+    back) and computes what the uninterrupted one would have (see :class:`_Checkpoints`)."""
     spec = model_spec(run, name)
     epochs = spec["epochs"] if epochs is None else epochs
     at = epochs if at is None else at
@@ -335,18 +352,22 @@ def shared_model(
     module = recipe.model
     if at == 0:
         return module.eval()
+    resume = run.cache / f"{name}-of{epochs}-resume.ckpt"
+    if path(epochs).exists():
+        resume.unlink(missing_ok=True)  # killed after the training ended: nothing to resume
     if not path(at).exists():
-        resume = run.cache / f"{name}-of{epochs}-resume.ckpt"
-        ckpt = resume if resume.exists() else None
+        ckpt = _resumable(run, resume, at)
         if ckpt is None:
             run.log(f"training {name} ({spec['recipe']}) for {epochs} epochs")
         else:
-            step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-            run.log(f"resuming {name} ({spec['recipe']}) at optimiser step {step} of {ckpt}")
+            step = ckpt["global_step"]
+            run.log(f"resuming {name} ({spec['recipe']}) at optimiser step {step} of {resume}")
             run.results.setdefault("resumed_at_step", {})[name] = step
         t = time.time()
         recipe.trainer.callbacks.append(_Checkpoints({1, epochs, *keep}, path, resume))
-        recipe.trainer.fit(module, datamodule=recipe.datamodule, ckpt_path=ckpt)
+        recipe.trainer.fit(
+            module, datamodule=recipe.datamodule, ckpt_path=None if ckpt is None else resume
+        )
         run.log(f"trained {name} in {time.time() - t:.0f} s")
         # with a resume: this process's part of the training
         run.results.setdefault("training_s", {})[name] = round(time.time() - t, 1)

@@ -107,7 +107,10 @@ class EpochSeededSampler(RandomSampler):
         """The next pass over the epoch's order leaves out its first ``n`` indices: a
         training resumed from a checkpoint taken after ``b`` batches of an epoch passes
         ``n = b * batch_size`` and continues that epoch's order where it stopped (Lightning
-        only counts the batches done; a plain loader would start the epoch again).
+        only counts the batches done; a plain loader would start the epoch again). Call it
+        before the loader fetches the epoch's first index: with ``num_workers=0``, any time
+        before the epoch's first batch (e.g. ``on_train_start``); a loader with workers
+        fetches as soon as it is iterated.
 
         Raises:
             ValueError: if ``n`` is negative.
@@ -313,10 +316,16 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
 
     def _loader(self, split: str, shuffle: bool, augment: bool = False) -> DataLoader:
         dataset = self.dataset(split, augment=augment)
+        sampler = EpochSeededSampler(dataset, self.seed) if shuffle else None
+        if sampler is not None and self.trainer is not None:
+            # the epoch the fit is at: Lightning sets it at each epoch's start, but a resumed
+            # fit's loader with workers starts fetching when Lightning first iterates it,
+            # before that (so it would read epoch 0's order)
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

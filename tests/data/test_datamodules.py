@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_nfk.data import FashionMNISTDataModule, balanced_label_indices
@@ -194,3 +195,46 @@ def test_epoch_seeded_sampler_skips_once_into_the_epochs_order():
     assert list(sampler) != order  # another epoch, another order
     with pytest.raises(ValueError, match=r"`n` must be >= 0, got -1"):
         sampler.skip_once(-1)
+
+
+class _Recorder(pl.LightningModule):
+    """Records each training item (by its pixel sum, which tells the 256 images apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(784, 10)
+        self.seen: list[tuple[int, list[float]]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        self.seen.append((self.current_epoch, x.flatten(1).sum(1).round(decimals=2).tolist()))
+        return torch.nn.functional.cross_entropy(self.lin(x.flatten(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_fit_resumed_from_an_epochs_end_reads_the_next_epochs_order(tmp_path, workers):
+    # with workers, the loader starts fetching when Lightning first iterates it, before
+    # Lightning sets the sampler's epoch: the data module gives it the fit's epoch itself
+    def fit(ckpt=None) -> list:
+        pl.seed_everything(0)
+        dm = RandomImageDataModule(num_train=256, val_size=0, batch_size=64, num_workers=workers)
+        module = _Recorder()
+        trainer = pl.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)],
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        return module.seen
+
+    whole = fit()
+    assert whole[0][1] != whole[4][1]  # epochs 0 and 1 differ in order
+    resumed = fit(tmp_path / "epoch=0-step=4.ckpt")
+    assert resumed == whole[4:]
