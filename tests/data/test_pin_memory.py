@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from pytorch_lightning import Trainer
 from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 
 from tests.helpers.data import RandomImageDataModule
@@ -31,7 +32,9 @@ def test_no_trainer_no_pinning():
 )
 def test_pinned_exactly_on_a_cuda_trainer(accelerator, pinned):
     dm = _data()
-    dm.trainer = SimpleNamespace(accelerator=accelerator)  # what Trainer.fit attaches
+    # what Trainer.fit attaches, and the fit's progress (its epoch)
+    loop = Trainer(accelerator="cpu", logger=False).fit_loop
+    dm.trainer = SimpleNamespace(accelerator=accelerator, fit_loop=loop)
     assert [loader.pin_memory for loader in _loaders(dm)] == [pinned] * 3
 
 
