@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -99,6 +99,17 @@ class EpochSeededSampler(RandomSampler):
     def __init__(self, data_source: Dataset, seed: int) -> None:
         super().__init__(data_source)  # type: ignore[arg-type]
         self.seed, self.epoch, self._skip = seed, 0, 0
+
+    @classmethod
+    def for_fit(cls, data_source: Dataset, seed: int, trainer: Any | None) -> EpochSeededSampler:
+        """The sampler of a data module's training loader, at the epoch ``trainer``'s fit is
+        at (None: epoch 0). Lightning sets the epoch at each epoch's start, but a resumed
+        fit first iterates its loader before that, and a loader with workers fetches as
+        soon as it is iterated: without this it would read epoch 0's order."""
+        sampler = cls(data_source, seed)
+        if trainer is not None:
+            sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        return sampler
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -316,16 +327,12 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
 
     def _loader(self, split: str, shuffle: bool, augment: bool = False) -> DataLoader:
         dataset = self.dataset(split, augment=augment)
-        sampler = EpochSeededSampler(dataset, self.seed) if shuffle else None
-        if sampler is not None and self.trainer is not None:
-            # the epoch the fit is at: Lightning sets it at each epoch's start, but a resumed
-            # fit's loader with workers starts fetching when Lightning first iterates it,
-            # before that (so it would read epoch 0's order)
-            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=EpochSeededSampler.for_fit(dataset, self.seed, self.trainer)
+            if shuffle
+            else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_nfk.data.image_datamodule import EpochSeededSampler
+
 FORTUNES = "/usr/share/games/fortunes"
 PAD = 0  # byte 0 does not occur in text
 
@@ -178,12 +180,14 @@ class TextDataModule(pl.LightningDataModule):
         return self._sets["val" if split == "test" else split]
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        dataset = self.dataset("train")
         return DataLoader(
-            self.dataset("train"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=g,
+            # the order from (seed, epoch): a resumed fit sees the uninterrupted one's batches
+            sampler=EpochSeededSampler.for_fit(dataset, self.seed, self.trainer),
+            # the workers' seeds from the loader's own generator, not the global stream
+            generator=torch.Generator(device="cpu").manual_seed(self.seed),
             num_workers=self.num_workers,
         )
 

@@ -238,3 +238,25 @@ def test_a_fit_resumed_from_an_epochs_end_reads_the_next_epochs_order(tmp_path, 
     assert whole[0][1] != whole[4][1]  # epochs 0 and 1 differ in order
     resumed = fit(tmp_path / "epoch=0-step=4.ckpt")
     assert resumed == whole[4:]
+
+
+def test_the_text_loader_reads_the_order_of_the_fits_epoch(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_nfk.data import TextDataModule
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n%\n".join(f"doc {i:02d}: a few words" for i in range(40)))
+    dm = TextDataModule(files=str(corpus), context=16, batch_size=4)
+
+    def order(epoch: int | None) -> list:
+        if epoch is not None:  # a fit at that epoch, as a resumed one is
+            loop = pl.Trainer(accelerator="cpu", logger=False).fit_loop
+            loop.epoch_progress.current.processed = epoch
+            dm.trainer = SimpleNamespace(fit_loop=loop)
+        return torch.cat([b["input_ids"] for b in dm.train_dataloader()]).tolist()
+
+    first = order(None)  # no trainer: epoch 0
+    assert order(0) == first
+    assert order(2) != first and sorted(order(2)) == sorted(first)
+    assert order(2) == order(2)  # from (seed, epoch) alone
