@@ -92,9 +92,15 @@ class Run:
 def run_meta(name: str, quick: bool, commit: str | None = None) -> dict[str, Any]:
     """What a result file says of its run: script, command, mode, commit, machine, torch,
     threads, date."""
+    # the script that ran (a run's name may add to it: afv_trend_fashion_mnist)
+    script = (
+        f"experiments/{Path(sys.argv[0]).name}"
+        if sys.argv[0].endswith(".py")
+        else f"experiments/{name}.py"
+    )
     return {
-        "script": f"experiments/{name}.py",
-        "command": "python " + " ".join([f"experiments/{name}.py", *sys.argv[1:]]),
+        "script": script,
+        "command": "python " + " ".join([script, *sys.argv[1:]]),
         "mode": "quick" if quick else "full",
         "commit": commit or _commit(),
         "machine": machine(),
